@@ -1,0 +1,35 @@
+# Set-up is part of every target: a fresh clone needs nothing but `make demo` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# On this machine torch==2.13.0 is a local CPU wheel; an unpinned torch would pull a CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test install proto clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.deps: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q ".[test]"
+	touch $@
+
+# Reinstall the package itself every time (not editable): tests run against what a user installs.
+install: $(VENV)/.deps
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall --no-build-isolation .
+
+demo: install
+	$(BIN)/caffelayers inspect fixtures/caffe/sphereface4_deploy/net.prototxt fixtures/caffe/sphereface4_deploy/weights.caffemodel
+
+test: install
+	$(BIN)/pytest -q
+
+# Regenerate proto/caffe_pb2.py from proto/caffe.proto (the generated file is committed).
+proto: | $(BIN)/python
+	$(BIN)/python -m pip install -q "grpcio-tools==1.85.1"
+	cd proto && ../$(BIN)/python -m grpc_tools.protoc -I. --python_out=. caffe.proto
+
+clean:
+	rm -rf $(VENV) build *.egg-info
