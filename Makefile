@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # On this machine torch==2.13.0 is a local CPU wheel; an unpinned torch would pull a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test install proto clean
+.PHONY: demo test install proto readme clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,7 @@ proto: | $(BIN)/python
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Rewrite the README's layer table from the registry (a test fails while it is stale).
+readme: install
+	$(BIN)/python -c "import re, pathlib; from caffelayers.cli import layer_table; p = pathlib.Path('README.md'); s = p.read_text(); p.write_text(re.sub(r'(<!-- layers:start -->\n).*?(<!-- layers:end -->)', lambda m: m.group(1) + layer_table() + '\n' + m.group(2), s, flags=re.S))"

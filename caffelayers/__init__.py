@@ -10,10 +10,11 @@ from .errors import (CaffeFormatError, CaffeLayersError, ShapeError, UnknownLaye
 from .registry import register_emitter, register_layer
 from . import layers  # noqa: F401  registers the built-in layer types
 from . import losses  # noqa: F401  registers the built-in loss types
+from .net import Net
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CaffeFormatError", "CaffeLayersError", "ShapeError", "UnknownLayerError",
+    "Net", "CaffeFormatError", "CaffeLayersError", "ShapeError", "UnknownLayerError",
     "UnsupportedParameterError", "register_emitter", "register_layer", "__version__",
 ]

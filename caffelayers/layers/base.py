@@ -118,8 +118,8 @@ def count(shape: Sequence[int], start: int = 0, end: Optional[int] = None) -> in
 
 
 def as_labels(label: torch.Tensor) -> torch.Tensor:
-    """Caffe's labels are floats holding integers; turn them into an index tensor."""
-    return label.detach().round().long() if label.is_floating_point() else label.long()
+    """Caffe's labels are floats holding integers; truncate them as ``static_cast<int>``."""
+    return label.detach().long()
 
 
 def repeated(values, count_: int, default: int, what: str, layer: str) -> List[int]:

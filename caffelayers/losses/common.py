@@ -9,16 +9,19 @@ import torch
 NORMALIZATIONS = ("FULL", "VALID", "BATCH_SIZE", "NONE")
 
 
-def normalization_from_caffe(loss_param) -> str:
+def normalization_from_caffe(loss_param, default: str = "VALID") -> str:
     """``loss_param``'s normalization mode as a name, with Caffe's legacy ``normalize`` field.
 
     Caffe: when ``normalization`` is not set but the old ``normalize`` bool is, ``true``
-    means VALID and ``false`` means BATCH_SIZE; otherwise the default is VALID.
+    means VALID and ``false`` means BATCH_SIZE; when neither is set, the layer's own default
+    applies (VALID for most, BATCH_SIZE for Caffe 1.0's SigmoidCrossEntropyLoss).
     """
     if loss_param is None:
-        return "VALID"
-    if not loss_param.HasField("normalization") and loss_param.HasField("normalize"):
-        return "VALID" if loss_param.normalize else "BATCH_SIZE"
+        return default
+    if not loss_param.HasField("normalization"):
+        if loss_param.HasField("normalize"):
+            return "VALID" if loss_param.normalize else "BATCH_SIZE"
+        return default
     return NORMALIZATIONS[loss_param.normalization]
 
 

@@ -1,0 +1,164 @@
+"""The ``caffelayers`` command line.
+
+Bad input ends with one ``error: ...`` line on stderr and exit status 2; anything else that
+escapes is a bug and keeps its traceback so that it gets reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from typing import List, Optional
+
+from .errors import CaffeLayersError
+from .registry import LAYERS
+
+
+def _shape_text(shape) -> str:
+    if shape is None:
+        return "?"
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _inspect_rows(graph) -> List[dict]:
+    rows = []
+    for node in graph.nodes:
+        known = node.type in LAYERS
+        rows.append({
+            "name": node.name,
+            "type": node.type if known else f"{node.type} (unknown)",
+            "bottoms": node.bottoms,
+            "tops": node.tops,
+            "shapes": [None if s is None else list(s) for s in node.top_shapes],
+            "params": node.num_params,
+        })
+    return rows
+
+
+def cmd_inspect(args) -> int:
+    from .graph import build_graph, load_net_param, parse_input_specs
+    from .layers.base import BuildContext
+    from .net import check_weights_fit, read_weights
+
+    net_param, source_dir = load_net_param(args.net, args.phase,
+                                           allow_unknown_fields=args.allow_unknown_fields)
+    graph = build_graph(net_param, parse_input_specs(args.input),
+                        BuildContext(phase=args.phase.upper(), source_dir=source_dir, fill=False),
+                        device="meta", strict=False)
+    if args.weights:
+        check_weights_fit(graph.nodes, read_weights(args.weights), args.weights)
+    rows = _inspect_rows(graph)
+    known_params = [row["params"] for row in rows if row["params"] is not None]
+    total = sum(known_params)
+    complete = len(known_params) == len(rows)
+    if args.json:
+        print(json.dumps({"name": graph.name, "phase": args.phase.upper(), "layers": rows,
+                          "inputs": graph.inputs, "outputs": graph.outputs,
+                          "total_params": total, "total_params_complete": complete,
+                          "unknown_layers": [list(u) for u in graph.unknown],
+                          "notes": graph.notes}, indent=2))
+        return 0
+    table = [("name", "type", "bottoms -> tops", "output shapes", "params")]
+    for row in rows:
+        table.append((row["name"], row["type"],
+                      f"{','.join(row['bottoms']) or '-'} -> {','.join(row['tops']) or '-'}",
+                      " ".join(_shape_text(s) for s in row["shapes"]) or "-",
+                      "?" if row["params"] is None else f"{row['params']:,}"))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    print(f"net {graph.name!r}, phase {args.phase.upper()}, {len(rows)} layers")
+    for i, row in enumerate(table):
+        print("  ".join(cell.ljust(w) if j < 4 else cell.rjust(w)
+                        for j, (cell, w) in enumerate(zip(row, widths))).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print(f"total parameters: {total:,}" + ("" if complete else " (plus layers of unknown size)"))
+    print(f"inputs: {', '.join(graph.inputs) or 'none'}; outputs: {', '.join(graph.outputs)}")
+    if graph.unknown:
+        print("unknown layer types: " + ", ".join(f"{n!r} ({t})" for n, t in graph.unknown))
+    for note in graph.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify_case
+
+    result = verify_case(args.case, rtol=args.rtol, atol=args.atol,
+                         margin_backward=args.margin_backward, loss_mode=args.loss_mode)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        for failure in result.failures:
+            print(f"  {failure.describe()}")
+        print(result.summary)
+    return 0 if result.passed else 1
+
+
+def layer_table() -> str:
+    """The Markdown table of supported layer types that the README shows (from the registry)."""
+    lines = ["| Caffe type | module | what it computes |", "| --- | --- | --- |"]
+    for type_name in sorted(LAYERS, key=str.lower):
+        cls = LAYERS[type_name]
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        summary = summary.rstrip(".").replace("|", "\\|")
+        lines.append(f"| `{type_name}` | `{cls.__module__}.{cls.__name__}` | {summary} |")
+    return "\n".join(lines)
+
+
+def cmd_layers(args) -> int:
+    print(layer_table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="caffelayers",
+        description="Load, inspect, verify and convert Caffe models (SphereFace's included).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    inspect = sub.add_parser("inspect", help="list a net's layers, blob shapes and parameters")
+    inspect.add_argument("net", help="net .prototxt")
+    inspect.add_argument("weights", nargs="?", help=".caffemodel to check against the net")
+    inspect.add_argument("--phase", default="TEST", type=str.upper, choices=["TRAIN", "TEST"])
+    inspect.add_argument("--input", action="append", default=[], metavar="NAME=N,C,H,W",
+                         help="shape of an input blob the prototxt leaves open (repeatable)")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.add_argument("--allow-unknown-fields", action="store_true",
+                         help="skip fields from other Caffe forks, with a warning")
+    inspect.set_defaults(run=cmd_inspect)
+
+    verify = sub.add_parser("verify", help="replay a Caffe reference case and compare")
+    verify.add_argument("case", help="case directory (net.prototxt, weights.caffemodel, "
+                                     "reference.npz)")
+    verify.add_argument("--rtol", type=float, default=1e-4)
+    verify.add_argument("--atol", type=float, default=1e-6)
+    verify.add_argument("--margin-backward", choices=["caffe", "exact"], default="caffe")
+    verify.add_argument("--loss-mode", choices=["caffe", "exact"], default="caffe")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(run=cmd_verify)
+
+    layers = sub.add_parser("layers", help="the supported Caffe layer types (Markdown table)")
+    layers.set_defaults(run=cmd_layers)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}",
+                                                                  file=sys.stderr)
+        try:
+            return args.run(args)
+        except CaffeLayersError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except OSError as error:
+            print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+            return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

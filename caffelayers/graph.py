@@ -1,0 +1,215 @@
+"""The one graph every consumer reads: layers in order, their blobs, modules and shapes.
+
+``build_graph`` walks an upgraded, phase-filtered ``NetParameter`` once, in Caffe's order. It
+checks that every bottom exists, builds each layer's module through its ``from_caffe`` and
+runs its shape rule, so ``inspect``, the runtime and the converters can never disagree about
+a shape. With ``strict=False`` (``inspect``), unknown layer types and unknown input shapes are
+kept as ``None`` and reported instead of raised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import (CaffeFormatError, CaffeLayersError, UnknownLayerError,
+                     UnsupportedParameterError)
+from .layers.base import BuildContext, CaffeLayer, Shape
+from .registry import LAYERS
+
+PYTHON_LAYER_NOTE = ("Python layers are never executed (they would run arbitrary code); "
+                     'register a module for the layer type with @caffelayers.register_layer("Python")')
+
+
+@dataclass
+class Node:
+    """One Caffe layer in the graph."""
+
+    name: str
+    type: str
+    bottoms: List[str]
+    tops: List[str]
+    param: object  # caffe_pb2.LayerParameter
+    module: Optional[CaffeLayer] = None
+    bottom_shapes: List[Optional[Shape]] = field(default_factory=list)
+    top_shapes: List[Optional[Shape]] = field(default_factory=list)
+    loss_weights: List[float] = field(default_factory=list)
+
+    @property
+    def is_input(self) -> bool:
+        return bool(getattr(self.module, "is_input", False))
+
+    @property
+    def num_params(self) -> Optional[int]:
+        if self.module is None:
+            return None
+        return sum(blob.numel() for blob in self.module.caffe_blobs())
+
+
+@dataclass
+class NetGraph:
+    """Layers in execution order with every blob's shape (``None`` when unknown)."""
+
+    name: str
+    nodes: List[Node]
+    blob_shapes: Dict[str, Optional[Shape]]
+    unknown: List[Tuple[str, str]]
+    notes: List[str]
+
+    @property
+    def inputs(self) -> List[str]:
+        """Blobs fed from outside: the tops of input and data layers, in net order."""
+        return [top for node in self.nodes if node.is_input for top in node.tops]
+
+    @property
+    def outputs(self) -> List[str]:
+        """Blobs that no later layer reads: Caffe's net outputs (an in-place top stays open)."""
+        available: Dict[str, None] = {}
+        for node in self.nodes:
+            for bottom in node.bottoms:
+                available.pop(bottom, None)
+            for top in node.tops:
+                available[top] = None
+        return list(available)
+
+
+def _loss_weights(param, module: Optional[CaffeLayer]) -> List[float]:
+    if param.loss_weight:
+        weights = list(param.loss_weight)
+        if len(weights) != len(param.top):
+            raise CaffeFormatError(f"layer {param.name!r}: {len(weights)} loss_weight values for "
+                                   f"{len(param.top)} tops; give one per top")
+        return weights
+    weights = [0.0] * len(param.top)
+    if weights and module is not None and module.is_loss:
+        weights[0] = 1.0
+    return weights
+
+
+def _parse_shape(text: str) -> Shape:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        raise CaffeLayersError(f"--input: {text!r} is not a shape; write N,C,H,W") from None
+    if not dims or any(d < 0 for d in dims):
+        raise CaffeLayersError(f"--input: {text!r} is not a shape; write N,C,H,W with dims >= 0")
+    return dims
+
+
+def parse_input_specs(specs: Iterable[str]) -> Dict[str, Shape]:
+    """``["data=1,3,112,96"]`` to ``{"data": (1, 3, 112, 96)}`` (the CLI's ``--input``)."""
+    shapes = {}
+    for spec in specs:
+        name, sep, dims = spec.partition("=")
+        if not sep or not name:
+            raise CaffeLayersError(f"--input: {spec!r} should be NAME=N,C,H,W")
+        shapes[name] = _parse_shape(dims)
+    return shapes
+
+
+def _build_module(cls, param, bottom_shapes, ctx) -> CaffeLayer:
+    """``cls.from_caffe``, with the layer's name added to a parameter error that lacks it
+    (``__init__`` validates plain values and cannot know the name)."""
+    try:
+        return cls.from_caffe(param, bottom_shapes, ctx)
+    except UnsupportedParameterError as error:
+        if repr(param.name) in str(error):
+            raise
+        raise UnsupportedParameterError(f"layer {param.name!r} ({param.type}): {error}") from None
+
+
+def build_graph(net_param, input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+                ctx: Optional[BuildContext] = None, device: str | torch.device = "meta",
+                strict: bool = True, no_fill: Iterable[str] = ()) -> NetGraph:
+    """Build modules and infer every blob's shape, in Caffe's layer order.
+
+    Args:
+        net_param: an upgraded and phase-filtered ``NetParameter``.
+        input_shapes: shapes for input blobs, overriding what the prototxt says.
+        ctx: the build context (phase, source directory, options, random generator).
+        device: where parameters are allocated; ``"meta"`` allocates nothing (inspect).
+        strict: raise on unknown layer types and unknown shapes (the runtime) instead of
+            recording them (inspect).
+        no_fill: layer names whose parameters will be loaded, so fillers are skipped.
+    """
+    ctx = ctx or BuildContext()
+    input_shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
+    no_fill = set(no_fill)
+    unknown = [(layer.name, layer.type) for layer in net_param.layer if layer.type not in LAYERS]
+    if strict and unknown:
+        how = 'register one with @caffelayers.register_layer("TYPE")'
+        if any(type_ == "Python" for _, type_ in unknown):
+            how += "; " + PYTHON_LAYER_NOTE
+        raise UnknownLayerError(unknown, how=how)
+
+    blob_shapes: Dict[str, Optional[Shape]] = {}
+    nodes: List[Node] = []
+    notes: List[str] = []
+    used_inputs = set()
+    for param in net_param.layer:
+        node = Node(param.name, param.type, list(param.bottom), list(param.top), param)
+        for bottom in node.bottoms:
+            if bottom not in blob_shapes:
+                raise CaffeFormatError(f"layer {param.name!r} ({param.type}) reads bottom "
+                                       f"{bottom!r}, which no earlier layer produces")
+        node.bottom_shapes = [blob_shapes[b] for b in node.bottoms]
+        cls = LAYERS.get(param.type)
+        if cls is not None and all(s is not None for s in node.bottom_shapes):
+            layer_ctx = dataclasses.replace(ctx, fill=ctx.fill and param.name not in no_fill)
+            with torch.device(device):
+                node.module = _build_module(cls, param, node.bottom_shapes, layer_ctx)
+            node.module.layer_name = param.name
+            node.top_shapes = list(node.module.output_shapes(node.bottom_shapes))
+            if len(node.top_shapes) != len(node.tops):
+                raise CaffeFormatError(f"layer {param.name!r} ({param.type}) has "
+                                       f"{len(node.tops)} tops, its type produces "
+                                       f"{len(node.top_shapes)}")
+        else:
+            node.top_shapes = [None] * len(node.tops)
+        if node.is_input:
+            for i, top in enumerate(node.tops):
+                if top in input_shapes:
+                    node.top_shapes[i] = input_shapes[top]
+                    used_inputs.add(top)
+                elif node.top_shapes[i] is None:
+                    message = (f"the shape of input {top!r} (layer {param.name!r}, "
+                               f"{param.type}) is not in the prototxt; give --input "
+                               f"{top}=N,C,H,W")
+                    if strict:
+                        raise CaffeLayersError(message)
+                    notes.append(message)
+        node.loss_weights = _loss_weights(param, node.module)
+        for top, shape in zip(node.tops, node.top_shapes):
+            blob_shapes[top] = shape
+        nodes.append(node)
+    for name in input_shapes:
+        if name not in used_inputs:
+            raise CaffeLayersError(f"--input {name}: the net has no input blob {name!r}; its "
+                                   f"inputs are {', '.join(t for n in nodes if n.is_input for t in n.tops) or 'none'}")
+    graph = NetGraph(net_param.name, nodes, blob_shapes, unknown, notes)
+    return graph
+
+
+def load_net_param(source, phase: str = "TEST", level: int = 0, stages: Sequence[str] = (),
+                   allow_unknown_fields: bool = False):
+    """Read (if a path), upgrade and phase-filter a net definition.
+
+    Returns ``(net_param, source_dir)``; ``source_dir`` is where relative file names in the
+    prototxt are resolved (the prototxt's directory, or None for an in-memory message).
+    """
+    from .proto import io, netstate
+
+    phase = phase.upper()
+    if phase not in ("TRAIN", "TEST"):
+        raise CaffeLayersError(f"phase must be TRAIN or TEST, got {phase!r}")
+    if isinstance(source, (str, Path)):
+        net_param = io.read_prototxt(source, allow_unknown_fields=allow_unknown_fields)
+        source_dir = Path(source).resolve().parent
+    else:
+        net_param = source
+        source_dir = None
+    return netstate.filter_net(net_param, phase=phase, level=level, stages=stages), source_dir

@@ -1,0 +1,287 @@
+"""``Net``: a Caffe net as a ``torch.nn.Module``, with Caffe's blob semantics.
+
+Blobs are named as in the prototxt. An in-place layer (``top == bottom``) rebinds the name to
+its output, so ``net.blobs[name]`` is the last version, as Caffe's shared buffer would hold;
+``net.diffs[name]`` is the gradient at the blob's first producer, which is what Caffe's shared
+diff holds after every in-place layer's backward. A blob read by several layers gets the sum
+of their gradients (Caffe's split layers), which autograd does by itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CaffeFormatError, CaffeLayersError
+from .graph import build_graph, load_net_param
+from .layers.base import BuildContext
+
+
+def _module_key(layer_name: str) -> str:
+    # nn.Module names may not contain '.'; Caffe layer names may (rarely).
+    return layer_name.replace(".", "_")
+
+
+def read_weights(path) -> Dict[str, List[np.ndarray]]:
+    """A caffemodel's blobs by layer name (only layers that have blobs)."""
+    from .proto import io
+
+    model = io.read_caffemodel(path)
+    return {layer.name: [io.blob_to_array(blob) for blob in layer.blobs]
+            for layer in model.layer if len(layer.blobs)}
+
+
+def check_weights_fit(nodes, trained: Mapping[str, List[np.ndarray]], path) -> None:
+    """Raise one error naming every layer whose trained blobs do not fit the net.
+
+    As Caffe's ``CopyTrainedLayersFrom``, layers absent from the file keep their fillers and
+    layers absent from the net are ignored; but a file that shares no layer with the net's
+    parametrised layers is the weights of another net, and is an error. A blob fits when its
+    element count matches (old files store 4-D shapes for 1-D and 2-D blobs).
+    """
+    problems = []
+    with_params = [node for node in nodes if node.module is not None
+                   and node.module.caffe_blobs()]
+    for node in with_params:
+        if node.name not in trained:
+            continue
+        targets, arrays = node.module.caffe_blobs(), trained[node.name]
+        if len(arrays) != len(targets):
+            problems.append(f"layer {node.name!r} ({node.type}) has {len(arrays)} blobs, the "
+                            f"net expects {len(targets)}")
+            continue
+        for index, (array, target) in enumerate(zip(arrays, targets)):
+            if array.size != target.numel():
+                problems.append(f"layer {node.name!r} ({node.type}) blob {index} has shape "
+                                f"{'x'.join(map(str, array.shape))}, the net expects "
+                                f"{'x'.join(map(str, target.shape))}")
+    if with_params and not any(node.name in trained for node in with_params):
+        problems.append("none of the net's layers with parameters "
+                        f"({', '.join(repr(n.name) for n in with_params[:5])}"
+                        f"{', ...' if len(with_params) > 5 else ''}) is in the file, which has "
+                        f"{', '.join(map(repr, list(trained)[:5])) or 'no blobs'}"
+                        f"{', ...' if len(trained) > 5 else ''}: weights of another net?")
+    if problems:
+        raise CaffeFormatError("weights do not fit the net: " + "; ".join(problems), path=path)
+
+
+class Net(nn.Module):
+    """A Caffe net built from a prototxt (and optionally a caffemodel).
+
+    Args:
+        prototxt: path to a net prototxt, or an upgraded ``NetParameter``.
+        weights: path to a ``.caffemodel``; without it, parameters come from the fillers.
+        phase: ``"TRAIN"`` or ``"TEST"``: which layers are in the net and how they behave.
+        inputs: shapes for input blobs the prototxt leaves open (``{"data": (1, 3, 224, 224)}``).
+        margin_backward: ``"caffe"`` (SphereFace's trick gradient) or ``"exact"``.
+        loss_mode: ``"caffe"`` (Caffe's probability floors) or ``"exact"`` (stable log-softmax).
+        seed: seeds the fillers, for a repeatable net without weights.
+        dtype, device: where the parameters live; float64 serves gradient checks.
+
+    Attributes:
+        graph: the :class:`~caffelayers.graph.NetGraph` (layers, shapes).
+        layers: submodules keyed by Caffe layer name.
+        blobs, diffs: the named blobs after the last ``forward``/``backward``.
+        param_specs: per layer, ``(lr_mult, decay_mult)`` for each Caffe blob.
+    """
+
+    def __init__(self, prototxt, weights: Optional[str | Path] = None, phase: str = "TEST",
+                 inputs: Optional[Mapping[str, Sequence[int]]] = None, *, level: int = 0,
+                 stages: Sequence[str] = (), margin_backward: str = "caffe",
+                 loss_mode: str = "caffe", seed: Optional[int] = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 allow_unknown_fields: bool = False):
+        super().__init__()
+        if margin_backward not in ("caffe", "exact"):
+            raise CaffeLayersError(f"margin_backward must be 'caffe' or 'exact', got "
+                                   f"{margin_backward!r}")
+        if loss_mode not in ("caffe", "exact"):
+            raise CaffeLayersError(f"loss_mode must be 'caffe' or 'exact', got {loss_mode!r}")
+        net_param, source_dir = load_net_param(prototxt, phase, level, stages,
+                                               allow_unknown_fields)
+        self.phase = phase.upper()
+        self.weights_path = None if weights is None else str(weights)
+        trained = read_weights(weights) if weights is not None else {}
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        ctx = BuildContext(phase=self.phase, source_dir=source_dir, generator=generator,
+                           options={"margin_backward": margin_backward, "loss_mode": loss_mode})
+        self.graph = build_graph(net_param, inputs, ctx, device="cpu", strict=True,
+                                 no_fill=trained.keys())
+        if weights is not None:
+            check_weights_fit(self.graph.nodes, trained, self.weights_path)
+        self.layers = nn.ModuleDict()
+        self.param_specs: Dict[str, List[Tuple[float, float]]] = {}
+        for node in self.graph.nodes:
+            self.layers[_module_key(node.name)] = node.module
+            blobs = node.module.caffe_blobs()
+            specs = list(node.param.param)
+            self.param_specs[node.name] = [
+                (specs[i].lr_mult, specs[i].decay_mult) if i < len(specs) else (1.0, 1.0)
+                for i in range(len(blobs))]
+            if node.name in trained:
+                node.module.load_caffe_blobs(trained[node.name], source=self.weights_path)
+        self.to(device=device, dtype=dtype)
+        self.blobs: Dict[str, torch.Tensor] = {}
+        self.diffs: Dict[str, torch.Tensor] = {}
+        self._first_versions: Dict[str, torch.Tensor] = {}
+
+    # -- weights ---------------------------------------------------------------------------
+    def layer(self, name: str):
+        """The module of Caffe layer ``name``."""
+        return self.layers[_module_key(name)]
+
+    def caffe_params(self) -> Dict[str, List[torch.Tensor]]:
+        """Each layer's blobs in Caffe's order (parameters and statistics buffers)."""
+        return {node.name: node.module.caffe_blobs() for node in self.graph.nodes
+                if node.module.caffe_blobs()}
+
+    def save_caffemodel(self, path: str | Path) -> None:
+        """Write the weights as a binary ``NetParameter`` that Caffe's ``CopyTrainedLayersFrom``
+        reads: one entry per layer with blobs, in net order, with today's ``shape`` field."""
+        from .proto import caffe_pb2, io
+
+        model = caffe_pb2.NetParameter(name=self.graph.name)
+        for node in self.graph.nodes:
+            blobs = node.module.caffe_blobs()
+            if not blobs:
+                continue
+            layer = model.layer.add(name=node.name, type=node.type)
+            layer.bottom.extend(node.bottoms)
+            layer.top.extend(node.tops)
+            for blob in blobs:
+                layer.blobs.append(io.array_to_blob(blob.detach().cpu().numpy()))
+        io.write_caffemodel(model, path)
+
+    # -- running ---------------------------------------------------------------------------
+    @property
+    def inputs(self) -> List[str]:
+        return self.graph.inputs
+
+    @property
+    def outputs(self) -> List[str]:
+        return self.graph.outputs
+
+    def _as_tensor(self, name: str, value) -> torch.Tensor:
+        reference = next(iter(self.buffers()), None)
+        reference = next(iter(self.parameters()), reference)
+        dtype = reference.dtype if reference is not None else torch.get_default_dtype()
+        device = reference.device if reference is not None else torch.device("cpu")
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value).reshape(np.shape(value)))
+        elif not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(value)
+        value = value.to(device=device, dtype=dtype)  # labels too: Caffe stores them as floats
+        expected = self.graph.blob_shapes.get(name)
+        if expected is not None and tuple(value.shape) != tuple(expected):
+            # Caffe reshapes inputs freely, but only the batch may change without a rebuild.
+            if tuple(value.shape[1:]) != tuple(expected[1:]):
+                raise CaffeLayersError(f"input {name!r} has shape {tuple(value.shape)}, the net "
+                                       f"was built for {tuple(expected)}")
+        return value
+
+    def forward(self, **inputs) -> Dict[str, torch.Tensor]:
+        """Run every layer in order; returns the net's output blobs by name.
+
+        Keyword arguments feed the input blobs (numpy arrays or tensors; labels as floats
+        holding integers, as Caffe stores them). Floating inputs require grad while grad mode
+        is on, so that ``backward`` can report their diffs.
+        """
+        missing = [name for name in self.inputs if name not in inputs]
+        extra = [name for name in inputs if name not in self.inputs]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing inputs {', '.join(missing)}")
+            if extra:
+                parts.append(f"unknown inputs {', '.join(extra)}")
+            raise CaffeLayersError(f"net {self.graph.name!r}: {'; '.join(parts)} (its inputs "
+                                   f"are {', '.join(self.inputs) or 'none'})")
+        blobs: Dict[str, torch.Tensor] = {}
+        first: Dict[str, torch.Tensor] = {}
+        for node in self.graph.nodes:
+            if node.is_input:
+                for top in node.tops:
+                    value = self._as_tensor(top, inputs[top])
+                    if torch.is_grad_enabled() and not value.requires_grad:
+                        value = value.detach().requires_grad_(True)
+                    blobs[top] = first[top] = value
+                continue
+            bottoms = [blobs[b] for b in node.bottoms]
+            for i, keep in enumerate(node.param.propagate_down):
+                if not keep and i < len(bottoms):
+                    bottoms[i] = bottoms[i].detach()
+            out = node.module(*bottoms)
+            tops = out if isinstance(out, tuple) else (out,)
+            for top, value in zip(node.tops, tops):
+                blobs[top] = value
+                if top not in node.bottoms:
+                    first[top] = value
+        for value in first.values():
+            if value.requires_grad and not value.is_leaf:
+                value.retain_grad()
+        self.blobs, self._first_versions, self.diffs = blobs, first, {}
+        return {name: blobs[name] for name in self.outputs}
+
+    def losses(self) -> List[Tuple[str, float, torch.Tensor]]:
+        """``(blob, loss_weight, value)`` for every top with a non-zero loss weight."""
+        found = []
+        for node in self.graph.nodes:
+            for top, weight in zip(node.tops, node.loss_weights):
+                if weight:
+                    found.append((top, weight, self.blobs[top]))
+        return found
+
+    def loss(self) -> torch.Tensor:
+        """The weighted sum of the loss tops of the last forward (Caffe's net loss)."""
+        terms = [weight * value.sum() for _, weight, value in self.losses()]
+        if not terms:
+            raise CaffeLayersError(f"net {self.graph.name!r} has no loss layer")
+        return torch.stack(terms).sum()
+
+    def backward(self, top_diffs: Optional[Mapping[str, object]] = None) -> Dict[str, torch.Tensor]:
+        """Backpropagate from the loss tops (scaled by ``loss_weight``) and from ``top_diffs``.
+
+        Parameter gradients accumulate into ``.grad`` as Caffe's param diffs do; call
+        :meth:`clear_param_diffs` first for a fresh gradient. Returns and keeps
+        ``net.diffs``: each blob's gradient at its first producer (zeros where none flows).
+        """
+        if not self.blobs:
+            raise CaffeLayersError("backward needs a forward first")
+        roots, grads = [], []
+        for _, weight, value in self.losses():
+            if value.requires_grad:
+                roots.append(value)
+                grads.append(torch.full_like(value, weight))
+        for name, diff in (top_diffs or {}).items():
+            if name not in self.blobs:
+                raise CaffeLayersError(f"top diff for {name!r}: the net has no such blob")
+            value = self.blobs[name]
+            diff = self._as_tensor(name, diff) if not isinstance(diff, torch.Tensor) else diff
+            if tuple(diff.shape) != tuple(value.shape):
+                raise CaffeLayersError(f"top diff for {name!r} has shape {tuple(diff.shape)}, "
+                                       f"the blob has {tuple(value.shape)}")
+            if value.requires_grad:
+                roots.append(value)
+                grads.append(diff.to(dtype=value.dtype, device=value.device))
+        if roots:
+            torch.autograd.backward(roots, grads)
+        self.diffs = {name: (value.grad if value.grad is not None else torch.zeros_like(value))
+                      for name, value in self._first_versions.items()}
+        return self.diffs
+
+    def clear_param_diffs(self) -> None:
+        """Zero every parameter gradient (Caffe's ``ClearParamDiffs``)."""
+        for parameter in self.parameters():
+            parameter.grad = None
+
+    def param_diffs(self) -> Dict[str, List[torch.Tensor]]:
+        """Each layer's blob gradients in Caffe's order (zeros for statistics buffers)."""
+        return {name: [b.grad if b.grad is not None else torch.zeros_like(b) for b in blobs]
+                for name, blobs in self.caffe_params().items()}
+
+    def extra_repr(self) -> str:
+        return f"name={self.graph.name!r}, phase={self.phase}"

@@ -1,0 +1,168 @@
+"""Replay a Caffe reference case and compare every recorded array.
+
+A case directory holds ``net.prototxt``, ``weights.caffemodel`` and ``reference.npz`` (format:
+``fixtures/caffe/README.md``). An array passes when
+``max|ours - caffe| <= atol + rtol * max|caffe|``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .errors import CaffeLayersError, UnsupportedParameterError
+
+RTOL = 1e-4
+ATOL = 1e-6
+
+
+@dataclass
+class ArrayCheck:
+    """One recorded array compared with ours."""
+
+    key: str
+    error: float
+    tolerance: float
+    problem: str = ""  # set when the array could not be compared at all (missing, shape)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problem and self.error <= self.tolerance
+
+    def describe(self) -> str:
+        if self.problem:
+            return f"{self.key}: {self.problem}"
+        return f"{self.key}: max error {self.error:.3g} > tolerance {self.tolerance:.3g}"
+
+
+@dataclass
+class VerifyResult:
+    """All comparisons of one case; ``summary`` is the CLI's last line."""
+
+    case: str
+    checks: List[ArrayCheck] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(check.passed for check in self.checks)
+
+    @property
+    def failures(self) -> List[ArrayCheck]:
+        return [check for check in self.checks if not check.passed]
+
+    @property
+    def summary(self) -> str:
+        good = sum(check.passed for check in self.checks)
+        comparable = [c for c in self.checks if not c.problem]
+        worst = ""
+        if comparable:
+            top = max(comparable, key=lambda c: c.error / c.tolerance if c.tolerance else np.inf)
+            worst = f" (worst {top.key} {top.error:.1e} of tolerance {top.tolerance:.1e})"
+        verdict = "PASS" if self.passed else "FAIL"
+        return f"verify: {verdict} {good}/{len(self.checks)} arrays{worst}"
+
+    def to_json(self) -> Dict:
+        return {"case": self.case, "passed": self.passed, "summary": self.summary,
+                "arrays": [{"key": c.key, "error": c.error, "tolerance": c.tolerance,
+                            "passed": c.passed, "problem": c.problem} for c in self.checks]}
+
+
+def compare(key: str, ours, caffe: np.ndarray, rtol: float = RTOL, atol: float = ATOL) -> ArrayCheck:
+    """Compare one array by the fixtures' rule (shape first, then the scaled max error)."""
+    if ours is None:
+        return ArrayCheck(key, float("inf"), 0.0, "not produced by caffelayers")
+    if isinstance(ours, torch.Tensor):
+        ours = ours.detach().cpu().double().numpy()
+    ours = np.asarray(ours, dtype=np.float64)
+    caffe = np.asarray(caffe, dtype=np.float64)
+    if ours.size != caffe.size:
+        return ArrayCheck(key, float("inf"), 0.0,
+                          f"shape {ours.shape} where Caffe has {caffe.shape}")
+    if ours.shape != caffe.shape and ours.squeeze().shape != caffe.squeeze().shape:
+        return ArrayCheck(key, float("inf"), 0.0,
+                          f"shape {ours.shape} where Caffe has {caffe.shape}")
+    ours = ours.reshape(caffe.shape)
+    tolerance = atol + rtol * (float(np.abs(caffe).max()) if caffe.size else 0.0)
+    if caffe.size == 0:
+        return ArrayCheck(key, 0.0, tolerance)
+    if not np.all(np.isfinite(ours) == np.isfinite(caffe)):
+        return ArrayCheck(key, float("inf"), tolerance, "non-finite values differ from Caffe's")
+    finite = np.isfinite(caffe)
+    error = float(np.abs(ours[finite] - caffe[finite]).max()) if finite.any() else 0.0
+    return ArrayCheck(key, error, tolerance)
+
+
+def load_reference(case_dir: str | Path):
+    """``(meta, arrays)`` of a case's ``reference.npz``."""
+    path = Path(case_dir) / "reference.npz"
+    if not path.is_file():
+        raise CaffeLayersError(f"{case_dir}: not a reference case (no reference.npz)")
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    return meta, arrays
+
+
+def _iteration(arrays: Dict[str, np.ndarray], index: int, kind: str) -> Dict[str, np.ndarray]:
+    prefix = f"iter{index}/{kind}/"
+    return {key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)}
+
+
+def verify_case(case_dir: str | Path, rtol: float = RTOL, atol: float = ATOL,
+                **net_options) -> VerifyResult:
+    """Replay ``case_dir`` through :class:`caffelayers.Net` and compare every recorded array.
+
+    Each iteration runs forward on the recorded inputs, then (when the case recorded backward)
+    clears the parameter gradients and runs backward from the loss layers and the recorded
+    top diffs. ``net_options`` go to ``Net`` (``margin_backward``, ``loss_mode``, ...).
+    """
+    from .net import Net
+
+    case_dir = Path(case_dir)
+    meta, arrays = load_reference(case_dir)
+    if meta.get("solver"):
+        raise UnsupportedParameterError(
+            f"{case_dir}: solver cases need caffelayers' Solver, which this version lacks")
+    weights = case_dir / "weights.caffemodel"
+    net = Net(case_dir / "net.prototxt", weights if weights.is_file() else None,
+              phase=meta.get("phase", "TEST"), **net_options)
+    inputs = {name: arrays[f"input/{name}"] for name in meta["inputs"]}
+    result = VerifyResult(meta.get("case", case_dir.name))
+    for index in range(int(meta.get("iterations", 1))):
+        backward = bool(meta.get("backward"))
+        with torch.set_grad_enabled(backward):
+            net(**inputs)
+        for blob, expected in _iteration(arrays, index, "data").items():
+            result.checks.append(compare(f"iter{index}/data/{blob}", net.blobs.get(blob),
+                                         expected, rtol, atol))
+        _compare_params(result, net.caffe_params(), _iteration(arrays, index, "param"),
+                        f"iter{index}/param", rtol, atol)
+        if not backward:
+            continue
+        net.clear_param_diffs()
+        net.backward(_iteration(arrays, index, "top_diff"))
+        for blob, expected in _iteration(arrays, index, "diff").items():
+            result.checks.append(compare(f"iter{index}/diff/{blob}", net.diffs.get(blob),
+                                         expected, rtol, atol))
+        _compare_params(result, net.param_diffs(), _iteration(arrays, index, "param_diff"),
+                        f"iter{index}/param_diff", rtol, atol)
+    if not result.checks:
+        raise CaffeLayersError(f"{case_dir}: reference.npz records no arrays to compare")
+    return result
+
+
+def _compare_params(result: VerifyResult, ours: Dict[str, List[torch.Tensor]],
+                    recorded: Dict[str, np.ndarray], prefix: str, rtol: float,
+                    atol: float) -> None:
+    for key, expected in sorted(recorded.items()):
+        layer, _, index = key.rpartition("/")
+        blobs = ours.get(layer)
+        value: Optional[torch.Tensor] = None
+        if blobs is not None and int(index) < len(blobs):
+            value = blobs[int(index)]
+        result.checks.append(compare(f"{prefix}/{key}", value, expected, rtol, atol))

@@ -1,0 +1,136 @@
+"""The command line as a user runs it: tables, one-line errors, exit statuses."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import caffelayers
+from caffelayers.cli import main
+
+
+def run(capsys, *argv):
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_tests_import_the_installed_package_not_the_source_tree():
+    root = Path(__file__).resolve().parent.parent
+    assert str(root) not in [str(Path(p).resolve()) for p in sys.path if p]
+    assert Path(caffelayers.proto.__file__).parent.name in ("proto", "caffelayers.proto")
+
+
+def test_console_script_runs(cases_dir):
+    script = Path(sys.executable).parent / "caffelayers"
+    done = subprocess.run([str(script), "inspect", str(cases_dir / "sphereface4_deploy" / "net.prototxt")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "fc5" in done.stdout and "total parameters" in done.stdout
+
+
+def test_inspect_table_on_bundled_model(capsys, cases_dir):
+    case = cases_dir / "sphereface4_deploy"
+    status, out, _ = run(capsys, "inspect", case / "net.prototxt", case / "weights.caffemodel")
+    assert status == 0
+    fc5 = next(line for line in out.splitlines() if line.startswith("fc5"))
+    assert "InnerProduct" in fc5 and "2x512" in fc5.replace(" ", "") or "2x" in fc5
+
+
+def test_inspect_sphereface20_deploy_shapes_and_parameter_count(capsys, tmp_path, sphereface_prototxt):
+    path = tmp_path / "sphereface_deploy.prototxt"
+    path.write_text(sphereface_prototxt(train=False))
+    status, out, _ = run(capsys, "inspect", path, "--json")
+    assert status == 0
+    report = json.loads(out)
+    fc5 = next(row for row in report["layers"] if row["name"] == "fc5")
+    assert fc5["shapes"] == [[1, 512]]
+    # Published figure for SphereFace-20 without the classifier: about 22.7 M parameters.
+    assert 22.5e6 < report["total_params"] < 22.9e6
+    assert report["total_params_complete"]
+
+
+def test_inspect_train_net_leaves_data_shapes_unknown_and_says_which_input(capsys, tmp_path,
+                                                                          sphereface_prototxt):
+    path = tmp_path / "sphereface_model.prototxt"
+    path.write_text(sphereface_prototxt(train=True))
+    status, out, _ = run(capsys, "inspect", path, "--phase", "TRAIN")
+    assert status == 0
+    assert "--input data=N,C,H,W" in out
+    fc5 = next(line for line in out.splitlines() if line.startswith("fc5"))
+    assert "?" in fc5
+    status, out, _ = run(capsys, "inspect", path, "--phase", "TRAIN", "--input", "data=256,3,112,96",
+                         "--json")
+    assert status == 0
+    rows = {row["name"]: row for row in json.loads(out)["layers"]}
+    assert rows["fc5"]["shapes"] == [[256, 512]]
+    assert rows["fc6"]["shapes"][0] == [256, 10572]
+
+
+def test_inspect_lists_unknown_layers_and_exits_zero(capsys, tmp_path):
+    path = tmp_path / "net.prototxt"
+    path.write_text('name: "n"\nlayer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+                    'layer { name: "a" type: "Frobnicate" bottom: "x" top: "a" }\n'
+                    'layer { name: "b" type: "Python" bottom: "a" top: "b" }\n')
+    status, out, _ = run(capsys, "inspect", path)
+    assert status == 0
+    assert "'a' (Frobnicate)" in out and "'b' (Python)" in out
+
+
+def test_net_reports_every_unknown_layer_at_once(tmp_path):
+    path = tmp_path / "net.prototxt"
+    path.write_text('name: "n"\nlayer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+                    'layer { name: "a" type: "Frobnicate" bottom: "x" top: "a" }\n'
+                    'layer { name: "b" type: "Python" bottom: "a" top: "b" }\n')
+    with pytest.raises(caffelayers.UnknownLayerError) as caught:
+        caffelayers.Net(path)
+    message = str(caught.value)
+    assert "'a' (Frobnicate)" in message and "'b' (Python)" in message
+    assert "register_layer" in message and "never executed" in message
+    assert caught.value.layers == [("a", "Frobnicate"), ("b", "Python")]
+
+
+def test_bad_prototxt_is_one_error_line_with_file_and_line(capsys, tmp_path):
+    path = tmp_path / "broken.prototxt"
+    path.write_text('name: "n"\nlayer {\n  name: "x"\n  type: "Input"\n  top: "x"\n  input_param { shape { dim: 2 }\n')
+    status, out, err = run(capsys, "inspect", path)
+    assert status == 2
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "broken.prototxt:" in err
+    assert "Traceback" not in err
+
+
+def test_missing_file_is_an_error_not_a_traceback(capsys, tmp_path):
+    status, _, err = run(capsys, "inspect", tmp_path / "nope.prototxt")
+    assert status == 2 and err.startswith("error: ") and "nope.prototxt" in err
+
+
+def test_weights_of_another_net_are_named(capsys, cases_dir):
+    status, _, err = run(capsys, "inspect", cases_dir / "sphereface4_deploy" / "net.prototxt",
+                         cases_dir / "classic_mix_deploy" / "weights.caffemodel")
+    assert status == 2
+    assert "do not fit" in err or "blob" in err
+
+
+def test_bad_input_spec(capsys, cases_dir):
+    net = cases_dir / "sphereface4_deploy" / "net.prototxt"
+    status, _, err = run(capsys, "inspect", net, "--input", "data=a,b")
+    assert status == 2 and "N,C,H,W" in err
+    status, _, err = run(capsys, "inspect", net, "--input", "nosuch=1,2")
+    assert status == 2 and "no input blob 'nosuch'" in err
+
+
+def test_verify_prints_summary_and_exit_status(capsys, cases_dir):
+    status, out, _ = run(capsys, "verify", cases_dir / "conv_basic")
+    assert status == 0
+    assert out.strip().splitlines()[-1].startswith("verify: PASS ")
+    status, out, _ = run(capsys, "verify", cases_dir / "conv_basic", "--rtol", "0", "--atol", "0")
+    assert status == 1
+    assert "verify: FAIL" in out
+
+
+def test_verify_on_a_directory_without_reference(capsys, tmp_path):
+    status, _, err = run(capsys, "verify", tmp_path)
+    assert status == 2 and "reference.npz" in err
