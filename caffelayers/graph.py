@@ -208,8 +208,8 @@ def load_net_param(source, phase: str = "TEST", level: int = 0, stages: Sequence
         raise CaffeLayersError(f"phase must be TRAIN or TEST, got {phase!r}")
     if isinstance(source, (str, Path)):
         net_param = io.read_prototxt(source, allow_unknown_fields=allow_unknown_fields)
-        source_dir = Path(source).resolve().parent
+        source_dir, path = Path(source).resolve().parent, str(source)
     else:
-        net_param = source
-        source_dir = None
-    return netstate.filter_net(net_param, phase=phase, level=level, stages=stages), source_dir
+        net_param, source_dir, path = source, None, None
+    return (netstate.filter_net(net_param, phase=phase, level=level, stages=stages, path=path),
+            source_dir)

@@ -158,7 +158,7 @@ def read_net(source, allow_unknown_fields: bool = False) -> pb.NetParameter:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return parse_caffemodel(source)
     if isinstance(source, str) and not os.path.exists(source) and \
-            re.search(r"[{:\n]", source):
+            (re.search(r"[{}\n]", source) or re.match(r"\s*\w+\s*:\s", source)):
         return parse_prototxt(source, None, allow_unknown_fields)
     with _open_binary(source) as data:
         if _looks_like_text(data):
@@ -457,8 +457,7 @@ class _open_binary:
 
     def __init__(self, path):
         self.path = path
-        self.file = None
-        self.map = None
+        self.file = self.map = self.view = None
 
     def __enter__(self):
         try:
@@ -471,18 +470,20 @@ class _open_binary:
         if size == 0:
             return b""
         self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
-        return memoryview(self.map)
+        self.view = memoryview(self.map)
+        return self.view
 
     def __exit__(self, *exc_info):
         self.close()
 
     def close(self):
+        if self.view is not None:
+            self.view.release()
         if self.map is not None:
             try:
                 self.map.close()
             except BufferError:
-                # A memoryview still refers to it; the map closes when that is collected.
-                pass
+                pass  # a slice of the view is still alive; the map closes when it is freed
         if self.file is not None:
             self.file.close()
 

@@ -35,6 +35,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..errors import CaffeFormatError, CaffeLayersError, ShapeError, UnsupportedParameterError
+from ..proto.io import read_binaryproto
 from ..layers.base import BuildContext, CaffeLayer, as_labels, count
 from ..registry import register_layer
 from .common import NORMALIZATIONS, normalization_from_caffe, normalizer
@@ -74,20 +75,12 @@ def _check_normalization(normalization: str) -> str:
     return normalization.lower()
 
 
-def _read_cost_matrix(path: Union[str, os.PathLike]) -> np.ndarray:
-    """A BlobProto file (``.binaryproto``) as an array; a missing file is a CaffeFormatError."""
-    if not Path(path).is_file():
-        raise CaffeFormatError("infogain matrix file not found", path=str(path))
-    from ..proto.io import read_binaryproto  # imported late: the schema is heavy
-    return read_binaryproto(str(path))
-
-
 def _as_tensor(H: CostMatrix) -> torch.Tensor:
     """``H`` given as a tensor, an array or a ``.binaryproto`` path, as a tensor."""
     if isinstance(H, torch.Tensor):
         return H
     if isinstance(H, (str, os.PathLike)):
-        H = _read_cost_matrix(H)
+        H = read_binaryproto(H)
     return torch.from_numpy(np.array(H))
 
 
@@ -109,20 +102,21 @@ def _labels_and_mask(labels: torch.Tensor, classes: int, ignore_label: Optional[
     The mask is None when nothing is ignored, so that the common case skips the masking.
     A label outside ``[0, C)`` is an error (Caffe only checks it in debug builds).
     """
-    keep = None if ignore_label is None else labels != ignore_label
-    out_of_range = (labels < 0) | (labels >= classes)
-    if keep is not None:
-        out_of_range &= keep
-    if bool(out_of_range.any()):
-        bad = labels[out_of_range]
-        raise LabelError(f"layer {layer!r}: {bad.numel()} label(s) outside [0, {classes}) "
-                         f"(first: {int(bad[0])})"
-                         + ("" if ignore_label is None else
-                            f" that are not the ignore_label {ignore_label}"))
-    if keep is not None:
+    keep = None
+    if ignore_label is not None:
+        keep = labels != ignore_label
         if bool(keep.all()):
-            return labels, None
-        labels = labels.masked_fill(~keep, 0)
+            keep = None
+        else:
+            labels = labels.masked_fill(~keep, 0)
+    if labels.numel():
+        lowest, highest = torch.aminmax(labels)
+        if lowest < 0 or highest >= classes:
+            bad = labels[(labels < 0) | (labels >= classes)]
+            raise LabelError(f"layer {layer!r}: {bad.numel()} label(s) outside [0, {classes})"
+                             f" (first: {int(bad[0])})"
+                             + ("" if ignore_label is None else
+                                f" that are not the ignore_label {ignore_label}"))
     return labels, keep
 
 

@@ -1,7 +1,5 @@
 """InnerProduct: axis, transpose, bias, fillers, shape errors, against numpy and Caffe."""
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +10,7 @@ from caffelayers.errors import ShapeError, UnsupportedParameterError
 from caffelayers.layers.base import BuildContext
 from caffelayers.layers.inner_product import InnerProduct
 from caffelayers.proto import caffe_pb2
-
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "caffe"
+from caffelayers.verify import verify_case
 
 
 @pytest.fixture(autouse=True)
@@ -111,23 +108,6 @@ def test_num_output_is_required():
 
 
 @pytest.mark.parametrize("case", ["ip_basic", "ip_axis2", "ip_transpose_nobias"])
-def test_fixture(case):
-    arrays = np.load(FIXTURES / case / "reference.npz")
-    meta = json.loads(str(arrays["meta"]))
-    net = text_format.Parse((FIXTURES / case / "net.prototxt").read_text(),
-                            caffe_pb2.NetParameter())
-    param = next(layer for layer in net.layer if layer.name == "layer")
-    x = torch.from_numpy(arrays["input/x"]).requires_grad_()
-    layer = InnerProduct.from_caffe(param, [tuple(x.shape)],
-                                    BuildContext(phase=meta["phase"], fill=False))
-    blobs = layer.caffe_blobs()
-    layer.load_caffe_blobs([arrays[f"iter0/param/layer/{i}"] for i in range(len(blobs))])
-    top = layer(x)
-    top.backward(torch.from_numpy(arrays["iter0/top_diff/y"]))
-    checks = [(top, "iter0/data/y"), (x.grad, "iter0/diff/x")]
-    checks += [(blob.grad, f"iter0/param_diff/layer/{i}") for i, blob in enumerate(blobs)]
-    for ours, key in checks:
-        caffe = arrays[key]
-        assert ours.shape == caffe.shape, key
-        error = np.abs(ours.detach().numpy() - caffe).max()
-        assert error <= 1e-6 + 1e-4 * np.abs(caffe).max(), (key, error)
+def test_fixture(cases_dir, case):
+    result = verify_case(cases_dir / case)
+    assert result.passed, "; ".join(check.describe() for check in result.failures)

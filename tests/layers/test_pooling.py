@@ -1,8 +1,5 @@
 """Pooling: Caffe's window count, AVE divisor, MAX routing, STOCHASTIC, against loops and Caffe."""
 
-import json
-import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +10,7 @@ from caffelayers.errors import ShapeError, UnsupportedParameterError
 from caffelayers.layers.base import BuildContext
 from caffelayers.layers.pooling import FLT_MAX, Pooling, pooled_size
 from caffelayers.proto import caffe_pb2
-
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "caffe"
+from caffelayers.verify import verify_case
 
 
 @pytest.fixture(autouse=True)
@@ -319,18 +315,6 @@ def test_bad_parameters_name_the_layer(text, tops, message):
 # -- Caffe's own numbers -------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["pool_ave_pad", "pool_global_ave", "pool_global_max",
                                   "pool_max_ceil", "pool_max_pad_clip"])
-def test_fixture(case):
-    arrays = np.load(FIXTURES / case / "reference.npz")
-    meta = json.loads(str(arrays["meta"]))
-    net = text_format.Parse((FIXTURES / case / "net.prototxt").read_text(),
-                            caffe_pb2.NetParameter())
-    param = next(layer for layer in net.layer if layer.name == "layer")
-    x = torch.from_numpy(arrays["input/x"]).requires_grad_()
-    layer = Pooling.from_caffe(param, [tuple(x.shape)], BuildContext(phase=meta["phase"]))
-    top = layer(x)
-    top.backward(torch.from_numpy(arrays["iter0/top_diff/y"]))
-    for ours, key in ((top, "iter0/data/y"), (x.grad, "iter0/diff/x")):
-        caffe = arrays[key]
-        assert ours.shape == caffe.shape, key
-        error = np.abs(ours.detach().numpy() - caffe).max()
-        assert error <= 1e-6 + 1e-4 * np.abs(caffe).max(), (key, error)
+def test_fixture(cases_dir, case):
+    result = verify_case(cases_dir / case)
+    assert result.passed, "; ".join(check.describe() for check in result.failures)

@@ -47,8 +47,8 @@ BAD_PROTOTXT = [
     ("negative dummy data dim", 'name: "n"\n\nlayer { name: "dd" type: "DummyData" top: "d" '
      'dummy_data_param { shape { dim: 2 dim: -1 } } }\n',
      r"dummy_data_param shape 0: dimension -1", 3, 1),
-    ("input_dim count", 'input: "d"\ninput_dim: 1\ninput_dim: 3\n',
-     r"'input_dim' takes four values", 1, 1),
+    ("input_dim count", 'name: "n"\ninput: "d"\ninput_dim: 1\ninput_dim: 3\n',
+     r"'input_dim' takes four values", 2, 1),
     ("duplicate top", INPUT + 'layer {\n  name: "a"\n  type: "ReLU"\n  bottom: "x"\n  top: "y"\n}\n'
      'layer {\n  name: "b"\n  type: "Sigmoid"\n  bottom: "x"\n  top: "y"\n}\n',
      r"layer 'b' \(Sigmoid\): top blob 'y' is already produced by layer 'a'", 13, 1),
@@ -60,11 +60,11 @@ BAD_PROTOTXT = [
     ("include and exclude", INPUT + 'layer {\n  name: "r"\n  include { phase: TRAIN }\n'
      '  exclude { stage: "s" }\n}\n', r"both 'include' and 'exclude'", 7, 1),
     ("layer and layers", INPUT + 'layers { name: "r" type: RELU }\n', r"both 'layer'.*'layers'",
-     1, 1),
-    ("V1 layer without type", 'layers {\n  name: "r"\n}\n', r"V1 layer 'r' has no layer type",
-     1, 1),
-    ("V0 unknown type", 'layers { layer { name: "c" type: "convolution" } }',
-     r"unknown type 'convolution'", 1, 1),
+     7, 1),
+    ("V1 layer without type", 'layers {\n  name: "a"\n  type: RELU\n}\nlayers {\n  name: "r"\n}\n',
+     r"V1 layer 'r' has no layer type", 5, 1),
+    ("V0 unknown type", 'name: "v0"\n  layers { layer { name: "c" type: "convolution" } }',
+     r"V0 layer 'c' has the unknown type 'convolution'", 2, 3),
 ]
 
 
