@@ -5,8 +5,8 @@
 files, and ``caffelayers.converters`` emits ONNX and PyTorch source.
 """
 
-from .errors import (CaffeFormatError, CaffeLayersError, ShapeError, UnknownLayerError,
-                     UnsupportedParameterError)
+from .errors import (CaffeFormatError, CaffeLayersError, LabelError, ShapeError,
+                     UnknownLayerError, UnsupportedParameterError)
 from .registry import register_emitter, register_layer
 from . import layers  # noqa: F401  registers the built-in layer types
 from . import losses  # noqa: F401  registers the built-in loss types
@@ -15,6 +15,6 @@ from .net import Net
 __version__ = "0.1.0"
 
 __all__ = [
-    "Net", "CaffeFormatError", "CaffeLayersError", "ShapeError", "UnknownLayerError",
+    "Net", "CaffeFormatError", "CaffeLayersError", "LabelError", "ShapeError", "UnknownLayerError",
     "UnsupportedParameterError", "register_emitter", "register_layer", "__version__",
 ]

@@ -42,7 +42,7 @@ def cmd_inspect(args) -> int:
     from .layers.base import BuildContext
     from .net import check_weights_fit, read_weights
 
-    net_param, source_dir = load_net_param(args.net, args.phase,
+    net_param, source_dir = load_net_param(args.net, args.phase, args.level, args.stage,
                                            allow_unknown_fields=args.allow_unknown_fields)
     graph = build_graph(net_param, parse_input_specs(args.input),
                         BuildContext(phase=args.phase.upper(), source_dir=source_dir, fill=False),
@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("net", help="net .prototxt")
     inspect.add_argument("weights", nargs="?", help=".caffemodel to check against the net")
     inspect.add_argument("--phase", default="TEST", type=str.upper, choices=["TRAIN", "TEST"])
+    inspect.add_argument("--stage", action="append", default=[],
+                         help="a NetState stage for include/exclude rules (repeatable)")
+    inspect.add_argument("--level", type=int, default=0, help="the NetState level")
     inspect.add_argument("--input", action="append", default=[], metavar="NAME=N,C,H,W",
                          help="shape of an input blob the prototxt leaves open (repeatable)")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")

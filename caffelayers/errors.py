@@ -58,6 +58,10 @@ class UnsupportedParameterError(CaffeLayersError):
     """A known layer type with a parameter value we cannot honour (named, with what is allowed)."""
 
 
+class LabelError(CaffeLayersError, ValueError):
+    """A label (or index) outside ``[0, C)`` that is not the ignore label."""
+
+
 class ShapeError(CaffeLayersError):
     """Bottom shapes that a layer's shape rule rejects; names the layer and what it expected."""
 

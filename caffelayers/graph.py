@@ -77,14 +77,14 @@ class NetGraph:
         return list(available)
 
 
-def _loss_weights(param, module: Optional[CaffeLayer]) -> List[float]:
+def _loss_weights(param, module: Optional[CaffeLayer], num_tops: int) -> List[float]:
     if param.loss_weight:
         weights = list(param.loss_weight)
-        if len(weights) != len(param.top):
+        if len(weights) != num_tops:
             raise CaffeFormatError(f"layer {param.name!r}: {len(weights)} loss_weight values for "
-                                   f"{len(param.top)} tops; give one per top")
+                                   f"{num_tops} tops; give one per top")
         return weights
-    weights = [0.0] * len(param.top)
+    weights = [0.0] * num_tops
     if weights and module is not None and module.is_loss:
         weights[0] = 1.0
     return weights
@@ -154,8 +154,12 @@ def build_graph(net_param, input_shapes: Optional[Mapping[str, Sequence[int]]] =
         node = Node(param.name, param.type, list(param.bottom), list(param.top), param)
         for bottom in node.bottoms:
             if bottom not in blob_shapes:
-                raise CaffeFormatError(f"layer {param.name!r} ({param.type}) reads bottom "
-                                       f"{bottom!r}, which no earlier layer produces")
+                message = (f"layer {param.name!r} ({param.type}) reads bottom {bottom!r}, which "
+                           f"no earlier layer produces in phase {ctx.phase}")
+                if strict:
+                    raise CaffeFormatError(message)
+                notes.append(message + " (a layer that needs a --stage or --level?)")
+                blob_shapes[bottom] = None
         node.bottom_shapes = [blob_shapes[b] for b in node.bottoms]
         cls = LAYERS.get(param.type)
         if cls is not None and all(s is not None for s in node.bottom_shapes):
@@ -163,6 +167,9 @@ def build_graph(net_param, input_shapes: Optional[Mapping[str, Sequence[int]]] =
             with torch.device(device):
                 node.module = _build_module(cls, param, node.bottom_shapes, layer_ctx)
             node.module.layer_name = param.name
+            if node.module.is_loss and not node.tops:
+                # Caffe's AutoTopBlobs: a loss layer without tops still outputs its loss.
+                node.tops = [f"(automatic {param.name})"]
             node.top_shapes = list(node.module.output_shapes(node.bottom_shapes))
             if len(node.top_shapes) != len(node.tops):
                 raise CaffeFormatError(f"layer {param.name!r} ({param.type}) has "
@@ -182,7 +189,7 @@ def build_graph(net_param, input_shapes: Optional[Mapping[str, Sequence[int]]] =
                     if strict:
                         raise CaffeLayersError(message)
                     notes.append(message)
-        node.loss_weights = _loss_weights(param, node.module)
+        node.loss_weights = _loss_weights(param, node.module, len(node.tops))
         for top, shape in zip(node.tops, node.top_shapes):
             blob_shapes[top] = shape
         nodes.append(node)

@@ -6,9 +6,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..errors import CaffeLayersError
 from ..registry import register_layer
-from .base import BuildContext, CaffeLayer, Shape, count
+from .base import BuildContext, CaffeLayer, Shape, as_labels, check_label_range, count
 
 
 @register_layer("Accuracy")
@@ -81,15 +80,11 @@ class Accuracy(CaffeLayer):
         classes = scores.shape[axis]
         scores = scores.detach().reshape(count(scores.shape, 0, axis), classes, -1)
         # Caffe's static_cast<int>: truncation toward zero.
-        labels = label.detach().trunc().long() if label.is_floating_point() else label.long()
+        labels = as_labels(label)
         labels = labels.reshape(scores.shape[0], scores.shape[2])
         counted = (torch.ones_like(labels, dtype=torch.bool) if self.ignore_label is None
                    else labels != self.ignore_label)
-        out_of_range = ((labels < 0) | (labels >= classes)) & counted
-        if bool(out_of_range.any()):
-            raise CaffeLayersError(
-                f"layer {self.layer_name!r} (Accuracy): labels must lie in [0, {classes}) "
-                f"(or equal ignore_label), got {labels[out_of_range].unique().tolist()[:10]}")
+        check_label_range(self, labels, classes, self.ignore_label)
         safe_labels = torch.where(counted, labels, torch.zeros_like(labels)).unsqueeze(1)
         true_score = scores.gather(1, safe_labels)
         class_index = torch.arange(classes, device=scores.device).view(1, classes, 1)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CaffeFormatError, ShapeError
+from ..errors import CaffeFormatError, LabelError, ShapeError
 
 Shape = Tuple[int, ...]
 
@@ -120,6 +120,19 @@ def count(shape: Sequence[int], start: int = 0, end: Optional[int] = None) -> in
 def as_labels(label: torch.Tensor) -> torch.Tensor:
     """Caffe's labels are floats holding integers; truncate them as ``static_cast<int>``."""
     return label.detach().long()
+
+
+def check_label_range(layer: CaffeLayer, labels: torch.Tensor, classes: int,
+                      ignore_label: Optional[int] = None, what: str = "labels") -> None:
+    """Raise a :class:`LabelError` naming the layer when a label lies outside ``[0, classes)``
+    (labels equal to ``ignore_label`` excepted); Caffe would read out of bounds instead."""
+    bad = (labels < 0) | (labels >= classes)
+    if ignore_label is not None:
+        bad &= labels != ignore_label
+    if labels.numel() and bool(bad.any()):
+        values = labels[bad].unique().tolist()
+        raise LabelError(f"layer {layer.layer_name!r} ({layer.caffe_type}): {what} must lie in "
+                         f"[0, {classes}), got {values[:10]}{' ...' if len(values) > 10 else ''}")
 
 
 def repeated(values, count_: int, default: int, what: str, layer: str) -> List[int]:

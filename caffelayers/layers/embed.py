@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from .. import fillers
-from ..errors import CaffeLayersError, UnsupportedParameterError
+from ..errors import UnsupportedParameterError
 from ..registry import register_layer
-from .base import BuildContext, CaffeLayer, Shape
+from .base import BuildContext, CaffeLayer, Shape, as_labels, check_label_range
 
 
 @register_layer("Embed")
@@ -75,13 +75,8 @@ class Embed(CaffeLayer):
         return [tuple(bottom_shapes[0]) + (self.num_output,)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Caffe's static_cast<int>: truncation toward zero.
-        indices = x.detach().trunc().long() if x.is_floating_point() else x.long()
-        if indices.numel() and bool(((indices < 0) | (indices >= self.input_dim)).any()):
-            raise CaffeLayersError(
-                f"layer {self.layer_name!r} (Embed): indices must lie in "
-                f"[0, {self.input_dim}), got values from {int(indices.min())} to "
-                f"{int(indices.max())}")
+        indices = as_labels(x)
+        check_label_range(self, indices, self.input_dim, what="indices")
         y = self.weight[indices]
         if self.bias is not None:
             y = y + self.bias

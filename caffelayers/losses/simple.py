@@ -14,8 +14,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import CaffeLayersError, UnsupportedParameterError
-from ..layers.base import BuildContext, CaffeLayer, Shape, count
+from ..errors import UnsupportedParameterError
+from ..layers.base import BuildContext, CaffeLayer, Shape, as_labels, check_label_range, count
 from ..registry import register_layer
 from .common import NORMALIZATIONS, normalization_from_caffe, normalizer
 
@@ -23,11 +23,6 @@ from .common import NORMALIZATIONS, normalization_from_caffe, normalizer
 LOG_THRESHOLD = 1e-20
 #: ContrastiveLoss's backward divides by ``distance + 1e-4`` (not by the distance).
 CONTRASTIVE_DISTANCE_EPS = 1e-4
-
-
-def _caffe_int(values: torch.Tensor) -> torch.Tensor:
-    """Caffe's ``static_cast<int>`` of a float blob: truncation toward zero."""
-    return values.detach().trunc().long() if values.is_floating_point() else values.long()
 
 
 def _legacy_shape(shape: Sequence[int]) -> Shape:
@@ -56,11 +51,6 @@ class _Loss(CaffeLayer):
                 raise self.shape_error(bottom_shapes, f"bottom {index} of at most 4 axes "
                                        "(Caffe reads it through num/channels/height/width)")
 
-    def _check_label_range(self, labels: torch.Tensor, classes: int) -> None:
-        if labels.numel() and bool(((labels < 0) | (labels >= classes)).any()):
-            raise CaffeLayersError(
-                f"layer {self.layer_name!r} ({self.caffe_type}): labels must lie in "
-                f"[0, {classes}), got values from {int(labels.min())} to {int(labels.max())}")
 
 
 @register_layer("SigmoidCrossEntropyLoss")
@@ -126,7 +116,7 @@ class SigmoidCrossEntropyLoss(_Loss):
         losses = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         valid = None
         if self.ignore_label is not None:
-            kept = _caffe_int(target) != self.ignore_label
+            kept = as_labels(target) != self.ignore_label
             losses = losses * kept.to(losses.dtype)
             valid = kept.sum()
         outer = logits.shape[0]
@@ -236,8 +226,8 @@ class MultinomialLogisticLoss(_Loss):
     def forward(self, probabilities: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         self.output_shapes([tuple(probabilities.shape), tuple(label.shape)])
         rows = probabilities.reshape(probabilities.shape[0], -1)
-        labels = _caffe_int(label).reshape(-1)
-        self._check_label_range(labels, rows.shape[1])
+        labels = as_labels(label).reshape(-1)
+        check_label_range(self, labels, rows.shape[1])
         return _MultinomialLogistic.apply(rows, labels)
 
 
@@ -288,8 +278,8 @@ class HingeLoss(_Loss):
     def forward(self, scores: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         self.output_shapes([tuple(scores.shape), tuple(label.shape)])
         rows = scores.reshape(scores.shape[0], -1)
-        labels = _caffe_int(label).reshape(-1)
-        self._check_label_range(labels, rows.shape[1])
+        labels = as_labels(label).reshape(-1)
+        check_label_range(self, labels, rows.shape[1])
         # Caffe negates the labelled class's score: max(0, 1 - x) there, max(0, 1 + x) elsewhere.
         signs = 1 - 2 * F.one_hot(labels, rows.shape[1]).to(rows.dtype)
         margins = torch.relu(1 + signs * rows)
@@ -393,7 +383,7 @@ class ContrastiveLoss(_Loss):
         self.output_shapes([tuple(a.shape), tuple(b.shape), tuple(similar.shape)])
         rows_a = a.reshape(a.shape[0], -1)
         rows_b = b.reshape(b.shape[0], -1)
-        is_similar = _caffe_int(similar).reshape(-1) != 0
+        is_similar = as_labels(similar).reshape(-1) != 0
         return _Contrastive.apply(rows_a, rows_b, is_similar, self.margin, self.legacy_version)
 
     def extra_repr(self) -> str:

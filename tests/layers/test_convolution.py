@@ -14,15 +14,6 @@ from caffelayers.verify import verify_case
 from caffelayers.registry import LAYERS
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build(type_: str, text: str, shape, bottoms: int = 1, fill: bool = True):
     param = text_format.Parse(f"name: 'conv' type: '{type_}' convolution_param {{ {text} }}",
                               caffe_pb2.LayerParameter())

@@ -13,15 +13,6 @@ from caffelayers.proto import caffe_pb2
 from caffelayers.verify import verify_case
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build(text: str, shape=(2, 5, 7, 3)):
     param = text_format.Parse(f"name: 'norm' type: 'LRN' lrn_param {{ {text} }}",
                               caffe_pb2.LayerParameter())

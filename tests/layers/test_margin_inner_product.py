@@ -263,6 +263,38 @@ def test_caffe_and_exact_agree_without_a_margin():
     torch.testing.assert_close(grads["exact"][1], projected)
 
 
+def peak_allocation(step):
+    """Most CPU memory allocated at once during ``step()``, from the profiler's events."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def test_no_temporary_of_the_logits_size():
+    """Forward+backward keep no M x N tensor beyond the plain product's (the logits and
+    their gradient): only O(M K + N K) extra."""
+    M, K, N = 64, 4, 4000
+    x = torch.randn(M, K, requires_grad=True)
+    label = torch.randint(0, N, (M,)).float()
+    upstream = torch.randn(M, N)
+    weight = torch.randn(N, K, requires_grad=True)
+
+    def product():
+        (x @ weight.t()).backward(upstream)
+
+    baseline = peak_allocation(product)
+    for backward in ("caffe", "exact"):
+        layer = MarginInnerProduct(K, N, "QUADRUPLE", backward=backward)
+        extra = peak_allocation(lambda: layer(x, label)[0].backward(upstream)) - baseline
+        assert extra < M * N * 4 / 2, (backward, extra)  # the autograd A-Softmax: 12 x M N
+
+
 # -- the lambda schedule and the counter -----------------------------------------------------
 def test_first_forward_uses_iteration_plus_one_and_the_floor():
     layer = make("TRIPLE", base=1000, gamma=0.12, power=1, lambda_min=5, iteration=10).float()
@@ -365,6 +397,14 @@ def test_from_caffe_reads_every_field():
     assert "TRIPLE" in repr(layer) and "gamma=0.25" in repr(layer)
     default = build("num_output: 3", [(4, 6), (4,)])
     assert default.margin_type == "SINGLE" and default.backward == "caffe"
+
+
+@pytest.mark.parametrize("mode", ["caffe", "exact"])
+def test_net_option_picks_the_backward_mode(mode):
+    from caffelayers.net import Net
+    net = Net(FIXTURES / "mip_double_m4k6n5" / "net.prototxt", phase="TRAIN",
+              margin_backward=mode)
+    assert net.layer("fc6").backward == mode
 
 
 def test_the_lambda_top_is_optional():

@@ -13,15 +13,6 @@ from caffelayers.proto import caffe_pb2
 from caffelayers.verify import verify_case
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def layer_param(text: str, tops: int = 1):
     param = text_format.Parse(text, caffe_pb2.LayerParameter())
     param.name = param.name or "pool"
