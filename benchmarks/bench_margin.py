@@ -9,8 +9,10 @@ interleaved rounds (so that a noisy neighbour slows every contender alike):
   k from acos, one-hot mix), which builds several M x N temporaries.
 
 Peak extra memory is the highest allocation during one forward+backward minus the plain
-product's, in MiB and in units of one M x N float tensor. On CUDA it comes from the caching
-allocator's statistics; on CPU from the profiler's allocation events.
+product's, in MiB and in units of one M x N and one N x K float tensor (the exact mode keeps
+the normalized weight, one N x K tensor, from forward to backward; a negative value means
+a lower peak than autograd's product). On CUDA it comes from the caching allocator's
+statistics; on CPU from the profiler's allocation events.
 
     python benchmarks/bench_margin.py --device cpu
     python benchmarks/bench_margin.py --device cuda --repeat 20
@@ -127,7 +129,7 @@ def bench_shape(M, K, N, device, repeat, modes, clock):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--repeat", type=int, default=5, help="timed rounds per shape")
+    parser.add_argument("--repeat", type=int, default=7, help="timed rounds per shape")
     parser.add_argument("--shapes", default=None,
                         help="M,K,N triples separated by ';' (default: the issue's three)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -147,18 +149,18 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {args.clock} "
           f"clock, median of {args.repeat} interleaved rounds, QUADRUPLE")
     header = ("| shape M x K x N | mode | device | ms | x product | autograd A-Softmax "
-              "x product | peak extra MiB (x M*N floats) |")
+              "x product | peak extra MiB (in M x N and N x K float tensors) |")
     print(header)
     print("|" + "---|" * 7)
     for M, K, N in shapes:
         times, peaks = bench_shape(M, K, N, device, args.repeat, MODES, clock)
         baseline_ratio = times["autograd"] / times["product"]
-        matrix_bytes = M * N * 4
         for mode in MODES:
             extra = peaks[mode] - peaks["product"]
             print(f"| {M} x {K} x {N} | {mode} | {device} | {times[mode]:.1f} | "
                   f"{times[mode] / times['product']:.3f} | {baseline_ratio:.2f} | "
-                  f"{extra / 2 ** 20:.1f} ({extra / matrix_bytes:+.2f}) |", flush=True)
+                  f"{extra / 2 ** 20:+.1f} ({extra / (M * N * 4):+.2f} MN, "
+                  f"{extra / (N * K * 4):+.2f} NK) |", flush=True)
 
 
 if __name__ == "__main__":

@@ -124,10 +124,33 @@ class Net(nn.Module):
                 for i in range(len(blobs))]
             if node.name in trained:
                 node.module.load_caffe_blobs(trained[node.name], source=self.weights_path)
+        self._share_named_params()
         self.to(device=device, dtype=dtype)
         self.blobs: Dict[str, torch.Tensor] = {}
         self.diffs: Dict[str, torch.Tensor] = {}
         self._first_versions: Dict[str, torch.Tensor] = {}
+
+    def _share_named_params(self) -> None:
+        """Tie blobs whose ``param { name }`` repeats, as Caffe's shared weights (siamese nets):
+        every later layer uses the first owner's parameter object."""
+        owners: Dict[str, Tuple[str, torch.Tensor]] = {}
+        for node in self.graph.nodes:
+            blobs = node.module.caffe_blobs()
+            for index, spec in enumerate(node.param.param[:len(blobs)]):
+                if not spec.name:
+                    continue
+                if spec.name not in owners:
+                    owners[spec.name] = (node.name, blobs[index])
+                    continue
+                owner_layer, shared = owners[spec.name]
+                if tuple(shared.shape) != tuple(blobs[index].shape):
+                    raise CaffeFormatError(
+                        f"layer {node.name!r} shares parameter {spec.name!r} with layer "
+                        f"{owner_layer!r}, but their shapes differ: "
+                        f"{tuple(blobs[index].shape)} and {tuple(shared.shape)}")
+                for attribute, value in list(node.module.named_parameters(recurse=False)):
+                    if value is blobs[index]:
+                        setattr(node.module, attribute, shared)
 
     # -- weights ---------------------------------------------------------------------------
     def layer(self, name: str):

@@ -35,8 +35,9 @@ def test_inspect_table_on_bundled_model(capsys, cases_dir):
     case = cases_dir / "sphereface4_deploy"
     status, out, _ = run(capsys, "inspect", case / "net.prototxt", case / "weights.caffemodel")
     assert status == 0
-    fc5 = next(line for line in out.splitlines() if line.startswith("fc5"))
-    assert "InnerProduct" in fc5 and "2x512" in fc5.replace(" ", "") or "2x" in fc5
+    fc5 = next(line for line in out.splitlines() if line.startswith("fc5")).split()
+    assert fc5 == ["fc5", "InnerProduct", "conv4_1", "->", "fc5", "2x64", "344,128"]
+    assert "total parameters: 441,808" in out
 
 
 def test_inspect_sphereface20_deploy_shapes_and_parameter_count(capsys, tmp_path, sphereface_prototxt):

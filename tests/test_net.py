@@ -132,3 +132,20 @@ def test_sphereface20_full_size_train_net_builds_to_fc5(tmp_path, sphereface_pro
     assert shapes["fc5"] == (2, 512)
     assert shapes["fc6"] == (2, 10572)
     assert shapes["softmax_loss"] == ()
+
+
+def test_parameters_shared_by_name_are_one_tensor(tmp_path):
+    shared = ('param { name: "w" } param { name: "b" } '
+              'inner_product_param { num_output: 3 weight_filler { type: "gaussian" } } }\n')
+    body = ('layer { name: "x2" type: "Input" top: "x2" input_param { shape { dim: 2 dim: 5 } } }\n'
+            'layer { name: "a" type: "InnerProduct" bottom: "x" top: "ya" ' + shared +
+            'layer { name: "b" type: "InnerProduct" bottom: "x2" top: "yb" ' + shared)
+    net = Net(write(tmp_path, body), seed=6, dtype=torch.float64)
+    assert net.layer("a").caffe_blobs()[0] is net.layer("b").caffe_blobs()[0]
+    x, x2 = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    out = net(x=x, x2=x2)
+    top = torch.ones(2, 3, dtype=torch.float64)
+    net.backward({"ya": top, "yb": top})
+    # Both uses of the shared weight add their gradients, as Caffe's shared diff does.
+    assert torch.allclose(net.param_diffs()["a"][0], top.T @ x + top.T @ x2)
+    assert len(list(net.parameters())) == 2 and set(out) == {"ya", "yb"}

@@ -98,7 +98,7 @@ def caffe_backward_loop(x, unit, label, top_diff, m, lambda_):
 
 
 # -- Caffe's fixtures ----------------------------------------------------------------------
-def test_every_margin_fixture_is_replayed():
+def test_the_margin_fixtures_are_all_found():
     assert len(MIP_CASES) == 14
 
 
