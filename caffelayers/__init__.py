@@ -11,10 +11,11 @@ from .registry import register_emitter, register_layer
 from . import layers  # noqa: F401  registers the built-in layer types
 from . import losses  # noqa: F401  registers the built-in loss types
 from .net import Net
+from .solver import Solver
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Net", "CaffeFormatError", "CaffeLayersError", "LabelError", "ShapeError", "UnknownLayerError",
+    "Net", "Solver", "CaffeFormatError", "CaffeLayersError", "LabelError", "ShapeError", "UnknownLayerError",
     "UnsupportedParameterError", "register_emitter", "register_layer", "__version__",
 ]

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .errors import CaffeLayersError, UnsupportedParameterError
+from .errors import CaffeLayersError
 
 RTOL = 1e-4
 ATOL = 1e-6
@@ -126,8 +126,9 @@ def verify_case(case_dir: str | Path, rtol: float = RTOL, atol: float = ATOL,
     case_dir = Path(case_dir)
     meta, arrays = load_reference(case_dir)
     if meta.get("solver"):
-        raise UnsupportedParameterError(
-            f"{case_dir}: solver cases need caffelayers' Solver, which this version lacks")
+        from .solver import verify_solver_case
+
+        return verify_solver_case(case_dir, rtol, atol, **net_options)
     weights = case_dir / "weights.caffemodel"
     net = Net(case_dir / "net.prototxt", weights if weights.is_file() else None,
               phase=meta.get("phase", "TEST"), **net_options)

@@ -1,0 +1,20 @@
+"""Caffe nets to ONNX, one emitter per Caffe layer type.
+
+``convert_to_onnx(Net(prototxt, caffemodel))`` builds the model with ``onnx.helper`` (no
+detour through ``torch.onnx``), reproducing Caffe's numbers where ONNX's operators mean
+something else (pooling windows and divisors, LRN, BatchNorm's scale factor, ArgMax ties);
+``save_onnx`` writes it, with external data past 2 GiB. Register an emitter for your own layer
+type with ``@caffelayers.register_emitter("Type")`` (see :class:`EmitContext`).
+"""
+
+from .core import (DEFAULT_OPSET, MIN_OPSET, UNSUPPORTED, EmitContext, check_convertible,
+                   convert_to_onnx, missing_emitters, output_blobs, save_onnx)
+from . import data, elementwise, linear, neuron, normalization, pooling, reduction  # noqa: F401
+from . import shape_ops  # noqa: F401  (importing the emitter modules registers them)
+from .runtime import inference_problem, run_onnx, verify_case_onnx
+
+__all__ = [
+    "DEFAULT_OPSET", "MIN_OPSET", "UNSUPPORTED", "EmitContext", "check_convertible",
+    "convert_to_onnx", "inference_problem", "missing_emitters", "output_blobs", "run_onnx",
+    "save_onnx", "verify_case_onnx",
+]

@@ -1,0 +1,25 @@
+"""Caffe nets as PyTorch source (``model.py`` + ``weights.pt``) and as TorchScript.
+
+``convert_to_pytorch(net, out_dir)`` writes readable source of an ``nn.Module`` whose
+``__init__`` builds one submodule per Caffe layer (``torch.nn`` where PyTorch computes
+Caffe's numbers, a caffelayers import where it has no equivalent) and whose ``forward`` takes
+the net's inputs as arguments in net order and returns its output: the tensor when there is
+one, else a dict keyed by Caffe blob name. ``weights.pt`` is its state_dict and loads with
+``torch.load(..., weights_only=True)``.
+
+Each Caffe type has a source emitter in ``SOURCE_EMITTERS`` (``emit_*.py``); register one for
+a new type with ``@register_source_emitter("Type")``. A net with types that have none is
+refused with one :class:`~caffelayers.errors.UnknownLayerError` listing them all.
+"""
+
+from .codegen import (GeneratedModel, convert_to_pytorch, forward_by_name, generate_pytorch,
+                      import_model_class, load_pytorch, missing_emitters)
+from .registry import SOURCE_EMITTERS, register_source_emitter
+from .source import LayerSource
+from .torchscript import convert_to_torchscript, load_torchscript
+
+__all__ = [
+    "GeneratedModel", "LayerSource", "SOURCE_EMITTERS", "convert_to_pytorch",
+    "convert_to_torchscript", "forward_by_name", "generate_pytorch", "import_model_class",
+    "load_pytorch", "load_torchscript", "missing_emitters", "register_source_emitter",
+]

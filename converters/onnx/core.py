@@ -1,0 +1,482 @@
+"""Caffe net to ONNX graph: the emitter registry's driver and the context emitters write into.
+
+``convert_to_onnx`` walks the net's graph (``caffelayers.graph.NetGraph``) in Caffe's order and
+hands each layer to the emitter registered for its type (``@register_emitter("Type")``), which
+adds ONNX nodes through an :class:`EmitContext`. Before anything is emitted the whole net is
+checked and every layer without an emitter is reported at once.
+
+Naming:
+    * A Caffe blob's last value carries the blob's name, so the graph's outputs are named as in
+      the prototxt. A blob rewritten in place (``conv1 -> relu1 -> conv1``) has earlier values
+      named ``blob/layer``, after the layer that produced them (``conv1/conv1``, then
+      ``conv1``). Graph inputs keep their names; a value written over an input is suffixed.
+    * Caffe parameter blob ``k`` of layer ``L`` is the initializer ``L/k`` (the key the
+      fixtures use), or the ``param { name }`` Caffe shares it under.
+    * Other values and constants are ``layer/what``; every name is made unique.
+
+Batch: unless ``static_batch``, axis 0 of every input of the net's batch size is the
+symbolic ``batch``. Which axes of every other blob follow the batch is found by running the
+layers' shape rules at a second batch size, so reshape-like emitters can put ``-1`` on the
+one axis that varies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ...errors import (CaffeLayersError, ShapeError, UnknownLayerError,
+                       UnsupportedParameterError)
+from ...registry import EMITTERS
+
+#: The opset emitted unless told otherwise, and the oldest one the emitters can write.
+DEFAULT_OPSET = 17
+MIN_OPSET = 13
+
+#: Serialized protobuf messages cannot exceed 2 GiB.
+PROTOBUF_LIMIT = 2 ** 31
+#: Above this many bytes of tensors, :func:`save_onnx` writes them to a separate data file
+#: (64 MiB below the protobuf limit, for the graph itself).
+EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 2 ** 26
+
+#: The symbolic name of the batch axis in a dynamic-batch model.
+BATCH = "batch"
+
+#: Metadata key holding ``{onnx output name: caffe blob}`` for the graph's outputs.
+OUTPUTS_METADATA = "caffelayers.outputs"
+
+#: Caffe types that have no ONNX emitter on purpose, with the reason given to the user.
+UNSUPPORTED: Dict[str, str] = {
+    "Accuracy": "a metric that compares scores with labels, not part of inference; "
+                "convert the deploy (TEST) net without it",
+    "MarginInnerProduct": "SphereFace's training head (it needs labels and an iteration "
+                          "count); deploy nets end before it, and "
+                          "MarginInnerProduct.to_inner_product() gives its test-time form",
+    "SoftmaxWithLoss": "a training loss; a deploy net ends in Softmax instead",
+    "InfogainLoss": "a training loss; a deploy net ends in Softmax instead",
+    "InfogainLossLegacy": "a training loss; a deploy net ends in Softmax instead",
+    "SigmoidCrossEntropyLoss": "a training loss; a deploy net ends in Sigmoid instead",
+    "EuclideanLoss": "a training loss, absent from deploy nets",
+    "MultinomialLogisticLoss": "a training loss, absent from deploy nets",
+    "HingeLoss": "a training loss, absent from deploy nets",
+    "ContrastiveLoss": "a training loss, absent from deploy nets",
+}
+
+Shape = Tuple[int, ...]
+Names = Union[None, str, Sequence[str]]
+
+
+def _unique(name: str, taken: set) -> str:
+    candidate, index = name, 1
+    while candidate in taken:
+        candidate = f"{name}_{index}"
+        index += 1
+    taken.add(candidate)
+    return candidate
+
+
+class EmitContext:
+    """What an emitter sees of the conversion: names, shapes, and a graph to add nodes to.
+
+    An emitter is ``emit(ctx, node) -> None`` for a ``caffelayers.graph.Node``; it reads the
+    layer's settings from ``node.module`` (and its parameters from ``caffe_blobs()``), takes
+    its inputs from :meth:`bottoms` and must produce every name in :meth:`tops`.
+
+    Attributes:
+        graph: the ``NetGraph`` being converted.
+        opset: the ONNX opset (default domain) the model declares.
+        static_batch: whether every shape is fixed at the net's batch size.
+        nodes, initializers, inputs, value_info: the ONNX graph built so far.
+    """
+
+    def __init__(self, graph, opset: int = DEFAULT_OPSET, static_batch: bool = False):
+        self.graph = graph
+        self.opset = int(opset)
+        self.static_batch = bool(static_batch)
+        self.nodes: List[onnx.NodeProto] = []
+        self.initializers: List[onnx.TensorProto] = []
+        self.inputs: List[onnx.ValueInfoProto] = []
+        self.value_info: List[onnx.ValueInfoProto] = []
+        self.node: Optional[object] = None  # the layer being emitted
+        self._taken = set(graph.blob_shapes)
+        self._current: Dict[str, str] = {}  # Caffe blob -> ONNX name of its latest value
+        self._value_blob: Dict[str, str] = {}  # ONNX name of a Caffe value -> its blob
+        self._shapes: Dict[str, Tuple[Shape, Shape]] = {}  # ONNX value -> (build, probe)
+        self._initializer_arrays: Dict[str, np.ndarray] = {}
+        self._node_names: set = set()
+        self._produced: set = set()
+        self._input_values = {top for node in graph.nodes if node.is_input for top in node.tops}
+        self._read = {bottom for node in graph.nodes for bottom in node.bottoms}
+        self.batch = self._batch_size()
+        self._probe = self._probe_shapes()
+        self._top_names = self._name_tops()
+
+    # -- batch ---------------------------------------------------------------------------
+    def _batch_size(self) -> Optional[int]:
+        for node in self.graph.nodes:
+            if node.is_input:
+                for shape in node.top_shapes:
+                    if shape:
+                        return shape[0]
+        return None
+
+    def _is_batched_input(self, shape: Shape) -> bool:
+        return (not self.static_batch and self.batch is not None and len(shape) > 0
+                and shape[0] == self.batch)
+
+    @property
+    def probe_batch(self) -> Optional[int]:
+        """The second batch size the shape rules run at: twice the net's, so that blobs
+        split evenly along the batch still split."""
+        return None if self.batch is None else max(2 * self.batch, 1)
+
+    def _probe_shapes(self) -> Dict[int, Tuple[List[Shape], List[Shape]]]:
+        """Every node's bottom and top shapes at :attr:`probe_batch` (the build's own shapes
+        when the batch is static): the axes that differ follow the batch."""
+        probe: Dict[int, Tuple[List[Shape], List[Shape]]] = {}
+        blobs: Dict[str, Shape] = {}
+        for node in self.graph.nodes:
+            bottoms = [blobs[b] for b in node.bottoms]
+            if self.static_batch:
+                tops = list(node.top_shapes)
+            elif node.is_input:
+                tops = [(self.probe_batch,) + tuple(s[1:]) if self._is_batched_input(s) else s
+                        for s in node.top_shapes]
+            else:
+                try:
+                    tops = [tuple(s) for s in node.module.output_shapes(bottoms)]
+                except ShapeError as error:
+                    raise UnsupportedParameterError(
+                        f"layer {node.name!r} ({node.type}) only fits batch size "
+                        f"{self.batch} ({error}); convert with a static batch "
+                        "(static_batch=True, --static-batch)") from None
+            probe[id(node)] = (bottoms, tops)
+            for top, shape in zip(node.tops, tops):
+                blobs[top] = shape
+        return probe
+
+    def probe_shapes(self, node) -> Tuple[List[Shape], List[Shape]]:
+        """``(bottom_shapes, top_shapes)`` of ``node`` at the probe batch size."""
+        return self._probe[id(node)]
+
+    def flexible(self, build: Sequence[int], probe: Sequence[int]) -> List[int]:
+        """A reshape target: ``build`` with ``-1`` on the one axis that follows the batch.
+
+        ``build`` and ``probe`` are the same target computed at the build and the probe batch
+        size; more than one differing axis cannot be written as a static target.
+        """
+        build, probe = list(build), list(probe)
+        varying = [i for i, (a, b) in enumerate(zip(build, probe)) if a != b]
+        if len(build) != len(probe) or len(varying) > 1:
+            raise self.unsupported(f"the batch size reaches more than one axis of a reshape "
+                                   f"to {'x'.join(map(str, build))}; convert with a static "
+                                   "batch (static_batch=True, --static-batch)")
+        for i in varying:
+            build[i] = -1
+        return build
+
+    # -- names ---------------------------------------------------------------------------
+    def _name_tops(self) -> Dict[int, List[str]]:
+        """The ONNX name of every value each node produces (see the module docstring)."""
+        inputs = {top for node in self.graph.nodes if node.is_input for top in node.tops}
+        last: Dict[str, int] = {}
+        for node in self.graph.nodes:
+            if not node.is_input:
+                for top in node.tops:
+                    last[top] = id(node)
+        names: Dict[int, List[str]] = {}
+        for node in self.graph.nodes:
+            tops = []
+            for top in node.tops:
+                if node.is_input or (last.get(top) == id(node) and top not in inputs):
+                    tops.append(top)
+                else:
+                    tops.append(_unique(f"{top}/{node.name}", self._taken))
+            names[id(node)] = tops
+        return names
+
+    def fresh(self, hint: str) -> str:
+        """A new unique value name ``layer/hint``."""
+        prefix = self.node.name if self.node is not None else "caffelayers"
+        return _unique(f"{prefix}/{hint}", self._taken)
+
+    def bottoms(self, node) -> List[str]:
+        """The ONNX names of the current values of ``node``'s bottoms."""
+        return [self._current[b] for b in node.bottoms]
+
+    def tops(self, node) -> List[str]:
+        """The ONNX names ``node``'s emitter must produce, one per top."""
+        return list(self._top_names[id(node)])
+
+    def is_read(self, blob: str) -> bool:
+        """Whether any layer reads ``blob``."""
+        return blob in self._read
+
+    # -- building ------------------------------------------------------------------------
+    def op(self, op_type: str, inputs: Sequence[str], outputs: Names = None,
+           num_outputs: int = 1, **attributes) -> Union[str, List[str]]:
+        """Add one node; returns its output name (a list when it has several).
+
+        ``outputs`` names the outputs (a Caffe top, typically); fresh names otherwise.
+        Empty strings in ``inputs`` skip optional inputs.
+        """
+        if outputs is None:
+            outputs = [self.fresh(op_type.lower()) for _ in range(num_outputs)]
+        elif isinstance(outputs, str):
+            outputs = [outputs]
+        outputs = list(outputs)
+        prefix = self.node.name if self.node is not None else "caffelayers"
+        # A layer's first node is named after it, the others after their op too.
+        name = _unique(prefix if prefix not in self._node_names else f"{prefix}/{op_type}",
+                       self._node_names)
+        attributes = {k: v for k, v in attributes.items() if v is not None}
+        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=name,
+                                           **attributes))
+        self._produced.update(outputs)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def initializer(self, name: str, array: np.ndarray) -> str:
+        """Add ``array`` as an initializer named ``name`` (made unique); returns the name."""
+        array = np.asarray(array)
+        existing = self._initializer_arrays.get(name)
+        if existing is not None and existing.dtype == array.dtype and \
+                existing.shape == array.shape and np.array_equal(existing, array):
+            return name  # a parameter shared by name (Caffe's param { name })
+        name = _unique(name, self._taken)
+        self._initializer_arrays[name] = array
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def param(self, node, index: int, array: Optional[np.ndarray] = None) -> str:
+        """Caffe parameter blob ``index`` of ``node`` as a float32 initializer.
+
+        Named ``layer/index``, or by the layer's ``param { name }`` when Caffe shares it.
+        ``array`` replaces the blob's values where the emitter needs another layout of the
+        same numbers (a broadcastable shape, a folded statistic).
+        """
+        if array is None:
+            array = node.module.caffe_blobs()[index].detach().cpu().numpy()
+        specs = node.param.param
+        name = specs[index].name if index < len(specs) and specs[index].name else \
+            f"{node.name}/{index}"
+        return self.initializer(name, np.asarray(array, dtype=np.float32))
+
+    def const(self, value, hint: str, dtype=np.float32) -> str:
+        """A constant initializer ``layer/hint`` (float32 unless ``dtype`` says otherwise)."""
+        prefix = self.node.name if self.node is not None else "caffelayers"
+        return self.initializer(f"{prefix}/{hint}", np.asarray(value, dtype=dtype))
+
+    def ints(self, values: Iterable[int], hint: str) -> str:
+        """A 1-D int64 constant (shapes, axes, pads)."""
+        return self.const(list(values), hint, np.int64)
+
+    def reshape(self, value: str, build: Sequence[int], probe: Sequence[int],
+                outputs: Names = None) -> str:
+        """``Reshape`` to a target given at both batch sizes (see :meth:`flexible`)."""
+        target = self.flexible(build, probe)
+        return self.op("Reshape", [value, self.ints(target, "shape")], outputs)
+
+    def reduce(self, op_type: str, value: str, axes: Sequence[int], keepdims: bool,
+               outputs: Names = None) -> str:
+        """A ``Reduce*`` node, with ``axes`` as an input or an attribute as the opset wants
+        (ReduceSum takes an input from opset 13, the others from opset 18)."""
+        keep = int(bool(keepdims))
+        if op_type == "ReduceSum" or self.opset >= 18:
+            return self.op(op_type, [value, self.ints(axes, "axes")], outputs, keepdims=keep)
+        return self.op(op_type, [value], outputs, axes=list(axes), keepdims=keep)
+
+    def add_input(self, name: str, shape: Sequence[int], elem_type: int = TensorProto.FLOAT,
+                  batched: Optional[bool] = None) -> str:
+        """Declare a graph input; axis 0 is the symbolic batch when ``batched`` (by default,
+        when the batch is dynamic and axis 0 has the net's batch size)."""
+        shape = tuple(shape)
+        if batched is None:
+            batched = self._is_batched_input(shape)
+        dims = [BATCH if batched and i == 0 else d for i, d in enumerate(shape)]
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, dims))
+        self._taken.add(name)
+        return name
+
+    def unsupported(self, message: str) -> UnsupportedParameterError:
+        """An ``UnsupportedParameterError`` naming the layer being emitted."""
+        node = self.node
+        where = f"layer {node.name!r} ({node.type}): " if node is not None else ""
+        return UnsupportedParameterError(f"{where}{message} (ONNX export)")
+
+    # -- values of Caffe blobs -----------------------------------------------------------
+    def _value_dims(self, build: Shape, probe: Shape) -> List[Union[int, str, None]]:
+        dims: List[Union[int, str, None]] = []
+        for a, b in zip(build, probe):
+            if a == b:
+                dims.append(a)
+            elif a == self.batch and b == self.probe_batch:
+                dims.append(BATCH)
+            else:
+                dims.append(None)  # follows the batch some other way: left unknown
+        return dims
+
+    def value_info_for(self, value: str) -> onnx.ValueInfoProto:
+        build, probe = self._shapes[value]
+        return helper.make_tensor_value_info(value, TensorProto.FLOAT,
+                                             self._value_dims(build, probe))
+
+    def _emit(self, node) -> None:
+        self.node = node
+        tops = self.tops(node)
+        EMITTERS[node.type](self, node)
+        missing = [t for t in tops if t not in self._produced and not node.is_input]
+        if missing:
+            raise RuntimeError(f"the ONNX emitter for {node.type} did not produce "
+                               f"{', '.join(missing)} for layer {node.name!r}")
+        _, probe_tops = self.probe_shapes(node)
+        for top, value, build, probe in zip(node.tops, tops, node.top_shapes, probe_tops):
+            self._current[top] = value
+            self._value_blob[value] = top
+            self._shapes[value] = (tuple(build), tuple(probe))
+            if not node.is_input:
+                self.value_info.append(self.value_info_for(value))
+        self.node = None
+
+
+def missing_emitters(graph) -> List[Tuple[str, str]]:
+    """``(name, type)`` of every layer of ``graph`` that has no ONNX emitter."""
+    return [(node.name, node.type) for node in graph.nodes if node.type not in EMITTERS]
+
+
+def check_convertible(graph) -> None:
+    """Raise one ``UnknownLayerError`` listing every layer that has no ONNX emitter, with the
+    reason for the types that are left out on purpose."""
+    missing = missing_emitters(graph)
+    if not missing:
+        return
+    reasons = []
+    for type_ in dict.fromkeys(type_ for _, type_ in missing):
+        if type_ in UNSUPPORTED:
+            reasons.append(f"{type_} is {UNSUPPORTED[type_]}")
+    how = 'register one with @caffelayers.register_emitter("TYPE")'
+    if reasons:
+        how = "; ".join(reasons) + "; for other types, " + how
+    raise UnknownLayerError(missing, what="ONNX emitter", how=how)
+
+
+def _graph_of(net):
+    return getattr(net, "graph", net)
+
+
+def convert_to_onnx(net, opset: int = DEFAULT_OPSET, static_batch: bool = False,
+                    outputs: Optional[Iterable[str]] = None, check: bool = True
+                    ) -> onnx.ModelProto:
+    """Convert a built ``caffelayers.Net`` (or its ``NetGraph``) to an ONNX model.
+
+    Args:
+        net: the net, with its parameters loaded (``Net(prototxt, caffemodel)``).
+        opset: the ONNX opset of the default domain, 13 or newer.
+        static_batch: fix axis 0 of the inputs at the net's batch size instead of a symbolic
+            ``batch``.
+        outputs: Caffe blobs to expose as graph outputs besides the net's own outputs (each
+            as its last value; input blobs are left out, they are the inputs).
+        check: run ``onnx.checker.check_model(full_check=True)`` (skipped for models over
+            2 GiB, which :func:`save_onnx` checks from the file).
+
+    Returns:
+        The model. Its metadata ``caffelayers.outputs`` maps each graph output to its blob.
+
+    Raises:
+        UnknownLayerError: listing every layer without an emitter, before anything else.
+        UnsupportedParameterError: listing every layer whose settings ONNX cannot express
+            (Dropout in a TRAIN net, for example).
+    """
+    if not MIN_OPSET <= int(opset) <= onnx.defs.onnx_opset_version():
+        raise CaffeLayersError(f"opset {opset} is not supported: give {MIN_OPSET} to "
+                               f"{onnx.defs.onnx_opset_version()} (default {DEFAULT_OPSET})")
+    graph = _graph_of(net)
+    check_convertible(graph)
+    ctx = EmitContext(graph, opset, static_batch)
+    problems = []
+    for node in graph.nodes:
+        try:
+            ctx._emit(node)
+        except UnsupportedParameterError as error:
+            problems.append(str(error))
+            ctx.node = None
+    if problems:
+        raise UnsupportedParameterError("; ".join(problems))
+
+    wanted = list(graph.outputs)
+    for blob in outputs or ():
+        if blob not in graph.blob_shapes:
+            raise CaffeLayersError(f"output {blob!r}: the net has no blob of that name")
+        if blob not in wanted:
+            wanted.append(blob)
+    graph_outputs, mapping = [], {}
+    for blob in wanted:
+        value = ctx._current.get(blob)
+        if value is None or value in ctx._input_values:
+            continue  # an input blob nothing rewrites: a graph input (or unused) already
+        graph_outputs.append(ctx.value_info_for(value))
+        mapping[value] = blob
+    declared = {v.name for v in graph_outputs}
+    value_info = [v for v in ctx.value_info if v.name not in declared]
+    onnx_graph = helper.make_graph(ctx.nodes, graph.name or "caffe_net", ctx.inputs,
+                                   graph_outputs, ctx.initializers, value_info=value_info)
+    opset_imports = [helper.make_opsetid("", int(opset))]
+    from ... import __version__
+    model = helper.make_model(onnx_graph, opset_imports=opset_imports,
+                              producer_name="caffelayers", producer_version=__version__,
+                              ir_version=helper.find_min_ir_version_for(opset_imports))
+    helper.set_model_props(model, {OUTPUTS_METADATA: json.dumps(mapping)})
+    if check and tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def output_blobs(model: onnx.ModelProto) -> Dict[str, str]:
+    """``{graph output name: Caffe blob}`` as recorded by :func:`convert_to_onnx`."""
+    for prop in model.metadata_props:
+        if prop.key == OUTPUTS_METADATA:
+            return json.loads(prop.value)
+    return {out.name: out.name for out in model.graph.output}
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """The bytes the model's initializers take in a serialized model."""
+    return sum(tensor.ByteSize() for tensor in model.graph.initializer)
+
+
+def save_onnx(model: onnx.ModelProto, path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+              check: bool = True) -> List[Path]:
+    """Write ``model`` to ``path``; returns the files written.
+
+    Models whose tensors exceed ``external_data_threshold`` bytes (by default just under the
+    2 GiB protobuf limit) keep their tensors in ``<file name>.data`` next to the model, as
+    ONNX's external data; the model object itself is left as it was.
+
+    Args:
+        model: an ONNX model (from :func:`convert_to_onnx`).
+        path: the ``.onnx`` file to write.
+        external_data_threshold: tensor bytes above which external data is used.
+        check: run the checker on the written file when external data was used (a model
+            that large cannot be checked in memory).
+    """
+    path = Path(path)
+    if tensor_bytes(model) <= external_data_threshold:
+        onnx.save_model(model, str(path))
+        return [path]
+    from onnx.external_data_helper import load_external_data_for_model
+
+    location = path.name + ".data"
+    data_path = path.parent / location
+    if data_path.exists():
+        data_path.unlink()  # onnx appends to an existing data file
+    onnx.save_model(model, str(path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=location, size_threshold=1024)
+    # onnx.save_model moved the tensors to the file; bring them back into the object.
+    load_external_data_for_model(model, str(path.parent))
+    if check:
+        onnx.checker.check_model(str(path), full_check=True)
+    return [path, data_path]
