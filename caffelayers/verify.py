@@ -87,12 +87,15 @@ def compare(key: str, ours, caffe: np.ndarray, rtol: float = RTOL, atol: float =
         return ArrayCheck(key, float("inf"), 0.0,
                           f"shape {ours.shape} where Caffe has {caffe.shape}")
     ours = ours.reshape(caffe.shape)
-    tolerance = atol + rtol * (float(np.abs(caffe).max()) if caffe.size else 0.0)
+    # Caffe's non-finite values (NaN from 0/0 windows, -inf) must be matched exactly; the
+    # tolerance scales with the finite ones.
+    finite = np.isfinite(caffe)
+    tolerance = atol + rtol * (float(np.abs(caffe[finite]).max()) if finite.any() else 0.0)
     if caffe.size == 0:
         return ArrayCheck(key, 0.0, tolerance)
-    if not np.all(np.isfinite(ours) == np.isfinite(caffe)):
+    same_specials = np.array_equal(ours[~finite], caffe[~finite], equal_nan=True)
+    if not same_specials or not np.isfinite(ours[finite]).all():
         return ArrayCheck(key, float("inf"), tolerance, "non-finite values differ from Caffe's")
-    finite = np.isfinite(caffe)
     error = float(np.abs(ours[finite] - caffe[finite]).max()) if finite.any() else 0.0
     return ArrayCheck(key, error, tolerance)
 

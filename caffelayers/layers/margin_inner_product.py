@@ -16,9 +16,11 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..errors import CaffeFormatError, CaffeLayersError, ShapeError, UnsupportedParameterError
+from ..errors import CaffeFormatError, ShapeError, UnsupportedParameterError
+from ..fillers import fill
 from ..registry import register_layer
-from .base import CaffeLayer, as_labels, count
+from .base import CaffeLayer, as_labels, check_label_range, count
+from .inner_product import InnerProduct
 
 #: Caffe's ``MarginType`` enum in value order; the margin m is the index plus one.
 MARGIN_TYPES = ("SINGLE", "DOUBLE", "TRIPLE", "QUADRUPLE")
@@ -320,7 +322,6 @@ class MarginInnerProduct(CaffeLayer):
         layer.layer_name = param.name
         layer.lambda_top = len(param.top) == 2
         if ctx.fill:
-            from ..fillers import fill
             fill(layer.weight, p.weight_filler if p.HasField("weight_filler") else None,
                  ctx.generator, param.name)
         return layer
@@ -374,7 +375,8 @@ class MarginInnerProduct(CaffeLayer):
             if label is None:
                 raise self.shape_error(bottom_shapes, f"a label bottom: {self.margin_type} "
                                        "needs the label of every row")
-            labels = self._checked_labels(label)
+            labels = as_labels(label).reshape(-1).to(self.weight.device)
+            check_label_range(self, labels, self.num_output)
         if margin:
             with torch.no_grad():
                 self.iteration += 1
@@ -387,20 +389,10 @@ class MarginInnerProduct(CaffeLayer):
                                       self.backward == "exact", prenormalized)
         return logits.view(top_shape), x.new_full((1,), lambda_)
 
-    def _checked_labels(self, label: torch.Tensor) -> torch.Tensor:
-        labels = as_labels(label).reshape(-1)
-        if labels.numel() and bool(((labels < 0) | (labels >= self.num_output)).any()):
-            bad = labels[(labels < 0) | (labels >= self.num_output)][0].item()
-            raise CaffeLayersError(
-                f"layer {self.layer_name!r} (MarginInnerProduct): label {bad} is outside "
-                f"[0, {self.num_output})")
-        return labels.to(self.weight.device)
-
     # -- export ----------------------------------------------------------------------------
     def to_inner_product(self):
         """A bias-free ``InnerProduct`` with this layer's unit-length weight rows: the
         test-time head (the m = 1 logits), for deployment and export."""
-        from .inner_product import InnerProduct
         plain = InnerProduct(self.in_features, self.num_output, bias_term=False,
                              axis=self.axis)
         with torch.no_grad():

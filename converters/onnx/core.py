@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ...errors import (CaffeLayersError, ShapeError, UnknownLayerError,
                        UnsupportedParameterError)
-from ...registry import EMITTERS
+from ...registry import EMITTERS, LAYERS
 
 #: The opset emitted unless told otherwise, and the oldest one the emitters can write.
 DEFAULT_OPSET = 17
@@ -68,7 +68,7 @@ UNSUPPORTED: Dict[str, str] = {
 }
 
 Shape = Tuple[int, ...]
-Names = Union[None, str, Sequence[str]]
+Names = Union[None, int, str, Sequence[str]]
 
 
 def _unique(name: str, taken: set) -> str:
@@ -85,7 +85,16 @@ class EmitContext:
 
     An emitter is ``emit(ctx, node) -> None`` for a ``caffelayers.graph.Node``; it reads the
     layer's settings from ``node.module`` (and its parameters from ``caffe_blobs()``), takes
-    its inputs from :meth:`bottoms` and must produce every name in :meth:`tops`.
+    its inputs from :meth:`bottoms` and must produce every name in :meth:`tops`. It may add
+    graph inputs (:meth:`add_input`), and raises :meth:`unsupported` for settings ONNX cannot
+    express.
+
+    Example::
+
+        @caffelayers.register_emitter("Swish")
+        def emit_swish(ctx, node):
+            (x,), (top,) = ctx.bottoms(node), ctx.tops(node)
+            ctx.op("Mul", [x, ctx.op("Sigmoid", [x])], top)
 
     Attributes:
         graph: the ``NetGraph`` being converted.
@@ -105,7 +114,6 @@ class EmitContext:
         self.node: Optional[object] = None  # the layer being emitted
         self._taken = set(graph.blob_shapes)
         self._current: Dict[str, str] = {}  # Caffe blob -> ONNX name of its latest value
-        self._value_blob: Dict[str, str] = {}  # ONNX name of a Caffe value -> its blob
         self._shapes: Dict[str, Tuple[Shape, Shape]] = {}  # ONNX value -> (build, probe)
         self._initializer_arrays: Dict[str, np.ndarray] = {}
         self._node_names: set = set()
@@ -183,7 +191,6 @@ class EmitContext:
     # -- names ---------------------------------------------------------------------------
     def _name_tops(self) -> Dict[int, List[str]]:
         """The ONNX name of every value each node produces (see the module docstring)."""
-        inputs = {top for node in self.graph.nodes if node.is_input for top in node.tops}
         last: Dict[str, int] = {}
         for node in self.graph.nodes:
             if not node.is_input:
@@ -193,7 +200,7 @@ class EmitContext:
         for node in self.graph.nodes:
             tops = []
             for top in node.tops:
-                if node.is_input or (last.get(top) == id(node) and top not in inputs):
+                if node.is_input or (last.get(top) == id(node) and top not in self._input_values):
                     tops.append(top)
                 else:
                     tops.append(_unique(f"{top}/{node.name}", self._taken))
@@ -219,14 +226,15 @@ class EmitContext:
 
     # -- building ------------------------------------------------------------------------
     def op(self, op_type: str, inputs: Sequence[str], outputs: Names = None,
-           num_outputs: int = 1, **attributes) -> Union[str, List[str]]:
+           **attributes) -> Union[str, List[str]]:
         """Add one node; returns its output name (a list when it has several).
 
-        ``outputs`` names the outputs (a Caffe top, typically); fresh names otherwise.
-        Empty strings in ``inputs`` skip optional inputs.
+        ``outputs`` names the outputs (a Caffe top, typically), or is their number (fresh
+        names); None means one fresh output. Empty strings in ``inputs`` skip optional
+        inputs; attributes that are None are left out.
         """
-        if outputs is None:
-            outputs = [self.fresh(op_type.lower()) for _ in range(num_outputs)]
+        if outputs is None or isinstance(outputs, int):
+            outputs = [self.fresh(op_type.lower()) for _ in range(outputs or 1)]
         elif isinstance(outputs, str):
             outputs = [outputs]
         outputs = list(outputs)
@@ -326,21 +334,27 @@ class EmitContext:
                                              self._value_dims(build, probe))
 
     def _emit(self, node) -> None:
+        """Run ``node``'s emitter; its tops are bound to their names even when it raises,
+        so that the layers after it can still be emitted and their problems reported."""
         self.node = node
         tops = self.tops(node)
-        EMITTERS[node.type](self, node)
+        try:
+            EMITTERS[node.type](self, node)
+        finally:
+            self._bind_tops(node, tops)
+            self.node = None
         missing = [t for t in tops if t not in self._produced and not node.is_input]
         if missing:
             raise RuntimeError(f"the ONNX emitter for {node.type} did not produce "
                                f"{', '.join(missing)} for layer {node.name!r}")
+
+    def _bind_tops(self, node, tops: List[str]) -> None:
         _, probe_tops = self.probe_shapes(node)
         for top, value, build, probe in zip(node.tops, tops, node.top_shapes, probe_tops):
             self._current[top] = value
-            self._value_blob[value] = top
             self._shapes[value] = (tuple(build), tuple(probe))
             if not node.is_input:
                 self.value_info.append(self.value_info_for(value))
-        self.node = None
 
 
 def missing_emitters(graph) -> List[Tuple[str, str]]:
@@ -350,7 +364,12 @@ def missing_emitters(graph) -> List[Tuple[str, str]]:
 
 def check_convertible(graph) -> None:
     """Raise one ``UnknownLayerError`` listing every layer that has no ONNX emitter, with the
-    reason for the types that are left out on purpose."""
+    reason for the types that are left out on purpose.
+
+    ``graph`` may come from ``build_graph(..., strict=False)`` (as ``inspect`` builds it), so
+    that types without a module are listed together with those without an emitter, before
+    any ``Net`` is built.
+    """
     missing = missing_emitters(graph)
     if not missing:
         return
@@ -358,6 +377,9 @@ def check_convertible(graph) -> None:
     for type_ in dict.fromkeys(type_ for _, type_ in missing):
         if type_ in UNSUPPORTED:
             reasons.append(f"{type_} is {UNSUPPORTED[type_]}")
+        elif type_ not in LAYERS:
+            reasons.append(f"{type_} has no module either "
+                           '(@caffelayers.register_layer("TYPE"))')
     how = 'register one with @caffelayers.register_emitter("TYPE")'
     if reasons:
         how = "; ".join(reasons) + "; for other types, " + how
@@ -403,7 +425,6 @@ def convert_to_onnx(net, opset: int = DEFAULT_OPSET, static_batch: bool = False,
             ctx._emit(node)
         except UnsupportedParameterError as error:
             problems.append(str(error))
-            ctx.node = None
     if problems:
         raise UnsupportedParameterError("; ".join(problems))
 
@@ -473,10 +494,13 @@ def save_onnx(model: onnx.ModelProto, path, external_data_threshold: int = EXTER
     data_path = path.parent / location
     if data_path.exists():
         data_path.unlink()  # onnx appends to an existing data file
+    inline = [t for t in model.graph.initializer if not t.HasField("data_location")]
     onnx.save_model(model, str(path), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=location, size_threshold=1024)
     # onnx.save_model moved the tensors to the file; bring them back into the object.
     load_external_data_for_model(model, str(path.parent))
+    for tensor in inline:
+        tensor.ClearField("data_location")
     if check:
         onnx.checker.check_model(str(path), full_check=True)
     return [path, data_path]

@@ -37,8 +37,9 @@ def emit_inner_product(ctx, node) -> None:
 
 
 def _convolution_attributes(module) -> dict:
-    return dict(kernel_shape=list(module.kernel_size), strides=list(module.stride),
-                pads=list(module.pad) * 2, dilations=list(module.dilation), group=module.group)
+    return {"kernel_shape": list(module.kernel_size), "strides": list(module.stride),
+            "pads": list(module.pad) * 2, "dilations": list(module.dilation),
+            "group": module.group}
 
 
 def _emit_convolution(ctx, node, op_type: str) -> None:

@@ -8,10 +8,10 @@ from onnx import TensorProto, helper
 from ...registry import register_emitter
 
 
-def _unary(op_type: str, **attributes):
+def _unary(op_type: str):
     def emit(ctx, node) -> None:
         (x,), (top,) = ctx.bottoms(node), ctx.tops(node)
-        ctx.op(op_type, [x], top, **attributes)
+        ctx.op(op_type, [x], top)
     emit.__doc__ = f"``{op_type}``."
     return emit
 
@@ -19,8 +19,16 @@ def _unary(op_type: str, **attributes):
 register_emitter("Sigmoid")(_unary("Sigmoid"))
 register_emitter("TanH")(_unary("Tanh"))
 register_emitter("AbsVal")(_unary("Abs"))
-# ONNX's Softplus is log(1 + exp(x)); onnxruntime evaluates it in Caffe's overflow-safe form.
-register_emitter("BNLL")(_unary("Softplus"))
+
+
+@register_emitter("BNLL")
+def emit_bnll(ctx, node) -> None:
+    """Softplus in Caffe's overflow-free form ``max(x, 0) + log(1 + exp(-|x|))`` (ONNX's
+    ``Softplus`` may be evaluated as ``log(1 + exp(x))``, infinite past x = 88)."""
+    (x,), (top,) = ctx.bottoms(node), ctx.tops(node)
+    decay = ctx.op("Exp", [ctx.op("Neg", [ctx.op("Abs", [x])])])
+    tail = ctx.op("Log", [ctx.op("Add", [decay, ctx.const(1.0, "one")])])
+    ctx.op("Add", [ctx.op("Relu", [x]), tail], top)
 
 
 @register_emitter("ReLU")

@@ -18,7 +18,8 @@ ONNX's ``floor`` count exactly Caffe's ``n`` windows at Caffe's places.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
 
 import numpy as np
 from onnx import TensorProto
@@ -27,10 +28,24 @@ from ...layers.pooling import FLT_MAX, FLT_MIN
 from ...registry import register_emitter
 
 
-def _trailing_pads(size, windows, kernel, stride, pad) -> List[int]:
-    """Padding after each axis that holds every window (0 where the windows fit)."""
-    return [max(0, (n - 1) * s + k - length - p)
-            for length, n, k, s, p in zip(size, windows, kernel, stride, pad)]
+@dataclass
+class _Windows:
+    """Where Caffe places the windows, per spatial axis (height, width)."""
+
+    size: Tuple[int, int]
+    count: Tuple[int, int]
+    kernel: Tuple[int, int]
+    stride: Tuple[int, int]
+    pad: Tuple[int, int]
+
+    @property
+    def after(self) -> List[int]:
+        """Padding after each axis that holds every window (0 where the windows fit)."""
+        return [max(0, (n - 1) * s + k - length - p) for length, n, k, s, p in
+                zip(self.size, self.count, self.kernel, self.stride, self.pad)]
+
+    def pool_attributes(self) -> dict:
+        return {"kernel_shape": list(self.kernel), "strides": list(self.stride)}
 
 
 def _divisors(length: int, windows: int, kernel: int, stride: int, pad: int) -> np.ndarray:
@@ -57,37 +72,35 @@ def emit_pooling(ctx, node) -> None:
         ctx.op("GlobalMaxPool" if module.pool == "MAX" else "GlobalAveragePool", [x], tops[0])
         return
     size = tuple(node.bottom_shapes[0][2:])
-    windows = tuple(node.top_shapes[0][2:])
-    kernel = size if module.global_pooling else tuple(module.kernel_size)
-    stride, pad = tuple(module.stride), tuple(module.pad)
-    after = _trailing_pads(size, windows, kernel, stride, pad)
-    geometry = (size, windows, kernel, stride, pad, after)
+    windows = _Windows(size, tuple(node.top_shapes[0][2:]),
+                       size if module.global_pooling else tuple(module.kernel_size),
+                       tuple(module.stride), tuple(module.pad))
     if module.pool == "MAX":
-        _emit_max(ctx, x, tops, geometry)
+        _emit_max(ctx, x, tops, windows)
     elif module.pool == "AVE":
-        _emit_average(ctx, x, tops[0], geometry)
+        _emit_average(ctx, x, tops[0], windows)
     else:
-        _emit_stochastic_test(ctx, x, tops[0], geometry)
+        _emit_stochastic_test(ctx, x, tops[0], windows)
 
 
-def _emit_max(ctx, x: str, tops: List[str], geometry) -> None:
-    size, windows, kernel, stride, pad, after = geometry
+def _emit_max(ctx, x: str, tops: List[str], windows: _Windows) -> None:
     mask = len(tops) == 2
     outputs = [tops[0], ctx.fresh("indices")] if mask else tops[0]
-    if all(a < k for a, k in zip(after, kernel)):
-        result = ctx.op("MaxPool", [x], outputs, kernel_shape=list(kernel),
-                        strides=list(stride), pads=list(pad) + list(after))
+    after = windows.after
+    if all(a < k for a, k in zip(after, windows.kernel)):
+        result = ctx.op("MaxPool", [x], outputs, pads=list(windows.pad) + after,
+                        **windows.pool_attributes())
         if mask:
             # ONNX counts indices over the whole N x C x H x W input; Caffe within the plane.
-            plane = ctx.op("Mod", [result[1], ctx.const(size[0] * size[1], "plane", np.int64)])
-            ctx.op("Cast", [plane], tops[1], to=TensorProto.FLOAT)
+            plane_size = ctx.const(windows.size[0] * windows.size[1], "plane", np.int64)
+            ctx.op("Cast", [ctx.op("Mod", [result[1], plane_size])], tops[1],
+                   to=TensorProto.FLOAT)
         return
     # Windows entirely past the input: Caffe's max over nothing is -FLT_MAX.
-    padded = _pad(ctx, x, pad, after, -FLT_MAX)
-    result = ctx.op("MaxPool", [padded], outputs, kernel_shape=list(kernel),
-                    strides=list(stride))
+    padded = _pad(ctx, x, windows.pad, after, -FLT_MAX)
+    result = ctx.op("MaxPool", [padded], outputs, **windows.pool_attributes())
     if mask:
-        _emit_padded_mask(ctx, result[1], tops[1], size, pad, after)
+        _emit_padded_mask(ctx, result[1], tops[1], windows.size, windows.pad, after)
 
 
 def _emit_padded_mask(ctx, indices: str, top: str, size, pad, after) -> None:
@@ -115,34 +128,33 @@ def _emit_padded_mask(ctx, indices: str, top: str, size, pad, after) -> None:
     ctx.op("Cast", [chosen], top, to=TensorProto.FLOAT)
 
 
-def _window_averages(ctx, x: str, geometry, outputs=None) -> str:
+def _window_averages(ctx, x: str, windows: _Windows, outputs=None) -> str:
     """The mean over each window of ``k_h x k_w`` elements, padding counted as zeros."""
-    size, windows, kernel, stride, pad, after = geometry
-    attributes = dict(kernel_shape=list(kernel), strides=list(stride))
-    if list(after) == list(pad):
-        if any(pad):
-            attributes.update(pads=list(pad) * 2, count_include_pad=1)
+    attributes = windows.pool_attributes()
+    after = windows.after
+    if after == list(windows.pad):
+        if any(windows.pad):
+            attributes.update(pads=list(windows.pad) * 2, count_include_pad=1)
         return ctx.op("AveragePool", [x], outputs, **attributes)
-    return ctx.op("AveragePool", [_pad(ctx, x, pad, after, 0.0)], outputs, **attributes)
+    padded = _pad(ctx, x, windows.pad, after, 0.0)
+    return ctx.op("AveragePool", [padded], outputs, **attributes)
 
 
-def _emit_average(ctx, x: str, top: str, geometry) -> None:
-    size, windows, kernel, stride, pad, after = geometry
-    rows, cols = (_divisors(*axis) for axis in zip(size, windows, kernel, stride, pad))
+def _emit_average(ctx, x: str, top: str, windows: _Windows) -> None:
+    rows, cols = (_divisors(*axis) for axis in zip(windows.size, windows.count, windows.kernel,
+                                                   windows.stride, windows.pad))
     divisor = rows[:, None] * cols[None, :]
-    area = kernel[0] * kernel[1]
+    area = windows.kernel[0] * windows.kernel[1]
     if np.all(divisor == area):
-        _window_averages(ctx, x, geometry, top)
+        _window_averages(ctx, x, windows, top)
         return
     with np.errstate(divide="ignore"):  # a zero divisor gives Caffe's 0 / 0 = NaN below
         correction = area / divisor.astype(np.float64)
-    ctx.op("Mul", [_window_averages(ctx, x, geometry), ctx.const(correction, "divisor")],
-           top)
+    ctx.op("Mul", [_window_averages(ctx, x, windows), ctx.const(correction, "divisor")], top)
 
 
-def _emit_stochastic_test(ctx, x: str, top: str, geometry) -> None:
-    kernel = geometry[2]
-    area = ctx.const(kernel[0] * kernel[1], "area")
-    sums = ctx.op("Mul", [_window_averages(ctx, x, geometry), area])
-    squares = ctx.op("Mul", [_window_averages(ctx, ctx.op("Mul", [x, x]), geometry), area])
+def _emit_stochastic_test(ctx, x: str, top: str, windows: _Windows) -> None:
+    area = ctx.const(windows.kernel[0] * windows.kernel[1], "area")
+    sums = ctx.op("Mul", [_window_averages(ctx, x, windows), area])
+    squares = ctx.op("Mul", [_window_averages(ctx, ctx.op("Mul", [x, x]), windows), area])
     ctx.op("Div", [squares, ctx.op("Add", [sums, ctx.const(FLT_MIN, "flt_min")])], top)

@@ -25,10 +25,14 @@ def emit_reduction(ctx, node) -> None:
         rows = ctx.op("Abs", [rows])
     elif module.operation == "SUMSQ":
         rows = ctx.op("Mul", [rows, rows])
-    scale = module.coeff
+    reducer, scale = "ReduceSum", module.coeff
     if module.operation == "MEAN":
-        scale = module.coeff / math.prod(shape[axis:])
-    total = ctx.reduce("ReduceSum", rows, [1], keepdims=False)
+        length = math.prod(shape[axis:])
+        if length == math.prod(ctx.probe_shapes(node)[0][0][axis:]):
+            scale = module.coeff / length
+        else:  # the rows hold the batch, so their length is only known when run
+            reducer = "ReduceMean"
+    total = ctx.reduce(reducer, rows, [1], keepdims=False)
     if scale != 1.0:
         total = ctx.op("Mul", [total, ctx.const(scale, "coeff")])
     ctx.reshape(total, node.top_shapes[0], ctx.probe_shapes(node)[1][0], top)
@@ -44,8 +48,8 @@ def _caffe_top_k(ctx, values: str, axis: int, length: int, k: int):
     reversed_ = ctx.op("Slice", [values, ctx.ints([-1], "rev_starts"),
                                  ctx.ints([INT64_MIN], "rev_ends"), ctx.ints([axis], "rev_axes"),
                                  ctx.ints([-1], "rev_steps")])
-    top_values, indices = ctx.op("TopK", [reversed_, ctx.ints([k], "k")], num_outputs=2,
-                                 axis=axis, largest=1, sorted=1)
+    top_values, indices = ctx.op("TopK", [reversed_, ctx.ints([k], "k")], 2, axis=axis,
+                                 largest=1, sorted=1)
     positions = ctx.op("Sub", [ctx.const(length - 1, "last", np.int64), indices])
     return top_values, positions
 
@@ -60,6 +64,10 @@ def emit_argmax(ctx, node) -> None:
     shape = node.bottom_shapes[0]
     if module.axis is not None:
         axis = module.axis % len(shape)
+        if shape[axis] != ctx.probe_shapes(node)[0][0][axis]:
+            raise ctx.unsupported(f"searching along axis {axis}, which follows the batch; "
+                                  "convert with a static batch (static_batch=True, "
+                                  "--static-batch)")
         values, positions = _caffe_top_k(ctx, x, axis, shape[axis], module.top_k)
         if module.out_max_val:
             ctx.op("Identity", [values], top)

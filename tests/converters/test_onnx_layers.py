@@ -34,6 +34,12 @@ def random_inputs(net: Net, batch=None, seed=0):
             .astype(np.float32) for name, shape in shapes.items()}
 
 
+def assert_close(blob, ours, theirs):
+    """The fixtures' tolerance rule; NaN and infinities must sit at the same places."""
+    check = compare(blob, ours, theirs)
+    assert check.passed, check.describe()
+
+
 def assert_matches_net(net: Net, inputs=None, **convert_options):
     """Convert, run in onnxruntime, compare every net output; returns the model."""
     inputs = inputs if inputs is not None else random_inputs(net)
@@ -43,8 +49,7 @@ def assert_matches_net(net: Net, inputs=None, **convert_options):
         want = net(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
     assert set(got) == set(want)
     for blob, value in want.items():
-        check = compare(blob, got[blob], value.numpy())
-        assert check.passed, check.describe()
+        assert_close(blob, got[blob], value.numpy())
     return model
 
 
@@ -108,8 +113,7 @@ def test_pooling_matches_caffe_loops(pool, kernel, stride, pad, height, width):
     x = random_inputs(net)["x"]
     model = assert_matches_net(net, {"x": x})
     got = run_onnx(model, {"x": x}, threads=1)["y"]
-    check = compare("y", got, caffe_pool_loops(x.astype(np.float64), kernel, stride, pad, pool))
-    assert check.passed, check.describe()
+    assert_close("y", got, caffe_pool_loops(x.astype(np.float64), kernel, stride, pad, pool))
     for node in nodes(model, "AveragePool"):  # tools reject uneven AveragePool pads
         pads = attribute(node, "pads") or [0, 0, 0, 0]
         assert pads[:2] == pads[2:]
@@ -123,8 +127,8 @@ def test_average_pooling_divisor_at_the_padded_edge():
     # H = 6, k = 3, s = 2, p = 1: the last row window starts at 5 and is clipped to 7 =
     # H + pad, so it averages x[5] and one padded zero over a divisor of 2 (not 3, not 1).
     net = make_net('layer { name: "pool" type: "Pooling" bottom: "x" top: "y" pooling_param { '
-                   'pool: AVE kernel_h: 3 kernel_w: 1 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 0 } }',
-                   {"x": (1, 1, 6, 1)})
+                   'pool: AVE kernel_h: 3 kernel_w: 1 stride_h: 2 stride_w: 1 pad_h: 1 '
+                   'pad_w: 0 } }', {"x": (1, 1, 6, 1)})
     x = np.arange(1, 7, dtype=np.float32).reshape(1, 1, 6, 1)
     model = assert_matches_net(net, {"x": x})
     y = run_onnx(model, {"x": x}, threads=1)["y"].ravel()
@@ -274,7 +278,7 @@ def test_convolution_1d_3d_and_shared_filters():
         'layer { name: "c1" type: "Convolution" bottom: "a" top: "ya" convolution_param { '
         f'num_output: 4 kernel_size: 3 pad: 1 stride: 2 {WEIGHTS} }} }}\n'
         'layer { name: "c3" type: "Convolution" bottom: "v" top: "yv" convolution_param { '
-        f'num_output: 2 kernel_size: 2 kernel_size: 3 kernel_size: 1 group: 3 {WEIGHTS} }} }}\n'
+        f'num_output: 6 kernel_size: 2 kernel_size: 3 kernel_size: 1 group: 3 {WEIGHTS} }} }}\n'
         'layer { name: "c2" type: "Convolution" bottom: "x" bottom: "x2" top: "y1" top: "y2" '
         f'convolution_param {{ num_output: 3 kernel_size: 3 {WEIGHTS} }} }}\n',
         {"a": (N, 3, 9), "v": (N, 3, 4, 5, 6), "x": (N, C, H, W), "x2": (N, C, H, W)})
@@ -313,7 +317,9 @@ def test_softmax_on_an_inner_axis_and_shape_layers():
         'layer { name: "cr" type: "Crop" bottom: "x" bottom: "ref" top: "cr" '
         'crop_param { axis: 1 offset: 1 } }\n'
         'layer { name: "rs" type: "Reshape" bottom: "x" top: "rs" reshape_param { '
-        'shape { dim: 0 dim: -1 dim: 3 } axis: 1 num_axes: 2 } }\n'
+        'shape { dim: 0 dim: -1 } axis: 1 } }\n'
+        'layer { name: "rs2" type: "Reshape" bottom: "x" top: "rs2" reshape_param { '
+        'shape { dim: 1 dim: -1 } axis: -1 num_axes: 0 } }\n'
         'layer { name: "fl" type: "Flatten" bottom: "x" top: "fl" flatten_param { axis: 1 '
         'end_axis: 2 } }\n'
         'layer { name: "f0" type: "Flatten" bottom: "x" top: "f0" flatten_param { axis: 0 } }\n'
@@ -408,6 +414,16 @@ def test_batch_norm_scale_factor_folded_and_batch_statistics():
     np.testing.assert_allclose(means["bn/0"], bn.mean_sum.numpy() / 4, rtol=1e-6)
 
 
+def test_batch_norm_on_a_2d_blob():
+    net = make_net('layer { name: "bn" type: "BatchNorm" bottom: "x" top: "y" }\n'
+                   'layer { name: "bnb" type: "BatchNorm" bottom: "x" top: "z" '
+                   'batch_norm_param { use_global_stats: false } }', {"x": (4, C)})
+    with torch.no_grad():
+        net.layer("bn").variance_sum.fill_(3.0)
+        net.layer("bn").scale_factor.fill_(1.5)
+    assert_matches_net(net)
+
+
 @pytest.mark.parametrize("settings, shape", [
     ("", (N, C, H, W)),
     ("across_channels: true", (N, C, H, W)),
@@ -423,11 +439,22 @@ def test_mvn(settings, shape):
 
 @pytest.mark.parametrize("settings", ["operation: SUM axis: 1", "operation: ASUM axis: -1",
                                       "operation: SUMSQ axis: 2 coeff: -0.5",
+                                      "operation: MEAN axis: 1 coeff: 3",
                                       "operation: MEAN axis: 0 coeff: 3"])
 def test_reduction(settings):
     net = make_net(f'layer {{ name: "r" type: "Reduction" bottom: "x" top: "y" '
                    f'reduction_param {{ {settings} }} }}')
     assert_matches_net(net)
+    # Axis 0 reduces the batch too: a MEAN over another batch size divides by its count.
+    assert_matches_net(net, random_inputs(net, batch=3))
+
+
+def test_argmax_along_the_batch_needs_a_static_batch():
+    net = make_net('layer { name: "am" type: "ArgMax" bottom: "x" top: "y" '
+                   'argmax_param { axis: 0 } }', {"x": (3, 4)})
+    assert_matches_net(net, static_batch=True)
+    with pytest.raises(UnsupportedParameterError, match="'am'.*static"):
+        convert_to_onnx(net)
 
 
 # -- Data layers ---------------------------------------------------------------------------
@@ -439,7 +466,7 @@ def test_dummy_data_constant_filler_and_unread_input():
             'shape { dim: 2 dim: 3 } } }\n'
             'layer { name: "s" type: "Eltwise" bottom: "x" bottom: "d" top: "y" }\n')
     net = Net(io.parse_prototxt(text), seed=0)
-    model = convert_to_onnx(net)
+    model = convert_to_onnx(net, static_batch=True)  # the constant cannot follow a batch
     assert [i.name for i in model.graph.input] == ["x"]  # nobody reads the label
     y = run_onnx(model, {"x": np.zeros((2, 3), np.float32)})["y"]
     np.testing.assert_array_equal(y, np.full((2, 3), 1.5, np.float32))
