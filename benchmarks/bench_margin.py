@@ -1,7 +1,7 @@
 """Forward+backward cost of MarginInnerProduct against the plain product ``x @ W.T``.
 
 For each shape (M rows, K features, N classes) the script times, in the same run and in
-interleaved rounds (so that a noisy neighbour slows every contender alike):
+interleaved rounds (so that slow phases of the machine hit every contender):
 
 * ``product``: ``x @ W.T`` and its backward, the baseline every ratio refers to;
 * ``caffe`` and ``exact``: :class:`caffelayers.layers.MarginInnerProduct` (QUADRUPLE);
@@ -14,7 +14,14 @@ the normalized weight, one N x K tensor, from forward to backward; a negative va
 a lower peak than autograd's product). On CUDA it comes from the caching allocator's
 statistics; on CPU from the profiler's allocation events.
 
+On a CPU shared with other busy processes, every parallel region of the intra-op thread
+pool can stall for a scheduler time slice; the product is three matrix products while the
+margin modes add a few dozen memory-bound passes, so multi-threaded wall times there say more
+about the neighbours than about the layer. ``--threads 1 --clock cpu`` measures the work
+itself.
+
     python benchmarks/bench_margin.py --device cpu
+    python benchmarks/bench_margin.py --threads 1 --clock cpu
     python benchmarks/bench_margin.py --device cuda --repeat 20
 """
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from caffelayers.errors import (CaffeFormatError, CaffeLayersError, ShapeError,
+from caffelayers.errors import (CaffeFormatError, LabelError, ShapeError,
                                 UnsupportedParameterError)
 from caffelayers.layers.base import BuildContext
 from caffelayers.layers.inner_product import InnerProduct
@@ -21,15 +21,6 @@ from caffelayers.verify import verify_case
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "caffe"
 TYPES = ("SINGLE", "DOUBLE", "TRIPLE", "QUADRUPLE")
 MIP_CASES = sorted(p.name for p in FIXTURES.glob("mip_*"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make(margin_type="QUADRUPLE", K=7, N=5, backward="caffe", seed=0, **kwargs):
@@ -423,8 +414,8 @@ def test_bad_input_raises_our_errors():
         layer(x, label[:4])
     with pytest.raises(ShapeError, match="label"):
         layer(x)
-    with pytest.raises(CaffeLayersError, match=r"label 5 is outside \[0, 5\)"):
-        layer(x, torch.full((6,), 5.0))
+    with pytest.raises(LabelError, match=r"must lie in \[0, 5\), got \[-1, 5\]"):
+        layer(x, torch.tensor([0.0, 5, 1, -1, 2, 3]))
     with pytest.raises(ShapeError, match="axis 3"):
         make("DOUBLE", axis=3)(x, label)
     with pytest.raises(UnsupportedParameterError, match="margin_type"):
