@@ -20,8 +20,16 @@ $(VENV)/.deps: pyproject.toml | $(BIN)/python
 install: $(VENV)/.deps
 	$(BIN)/python -m pip install -q --no-deps --force-reinstall --no-build-isolation .
 
+DEMO := fixtures/caffe/sphereface4_deploy
 demo: install
-	$(BIN)/caffelayers inspect fixtures/caffe/sphereface4_deploy/net.prototxt fixtures/caffe/sphereface4_deploy/weights.caffemodel
+	$(BIN)/caffelayers inspect $(DEMO)/net.prototxt $(DEMO)/weights.caffemodel
+	@echo; echo "== to ONNX, run in onnxruntime, compared with Caffe's outputs"
+	$(BIN)/caffelayers convert $(DEMO)/net.prototxt $(DEMO)/weights.caffemodel --to onnx -o out/demo/sphereface4.onnx --reference $(DEMO)/reference.npz
+	@echo; echo "== to PyTorch source (model.py + weights.pt), imported and run, compared with Caffe's outputs"
+	$(BIN)/caffelayers convert $(DEMO)/net.prototxt $(DEMO)/weights.caffemodel --to pytorch -o out/demo/sphereface4_pytorch --reference $(DEMO)/reference.npz
+	@echo; echo "== every recorded blob, through the Net runtime and onnxruntime"
+	$(BIN)/caffelayers verify $(DEMO)
+	$(BIN)/caffelayers verify $(DEMO) --runtime onnxruntime
 
 test: install
 	$(BIN)/pytest -q

@@ -82,18 +82,67 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_verify(args) -> int:
-    from .verify import verify_case
-
-    result = verify_case(args.case, rtol=args.rtol, atol=args.atol,
-                         margin_backward=args.margin_backward, loss_mode=args.loss_mode)
-    if args.json:
+def _report(result, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(result.to_json(), indent=2))
     else:
         for failure in result.failures:
             print(f"  {failure.describe()}")
         print(result.summary)
     return 0 if result.passed else 1
+
+
+def cmd_verify(args) -> int:
+    from pathlib import Path
+
+    from .verify import compare_forward, load_reference, verify_case
+
+    if args.runtime == "torch":
+        result = verify_case(args.case, rtol=args.rtol, atol=args.atol,
+                             margin_backward=args.margin_backward, loss_mode=args.loss_mode)
+    elif args.runtime == "onnxruntime":
+        from .converters.onnx import verify_case_onnx
+
+        result = verify_case_onnx(args.case, rtol=args.rtol, atol=args.atol)
+    else:
+        from .converters.pytorch import ConvertedNet
+        from .net import Net
+
+        case = Path(args.case)
+        meta, arrays = load_reference(case)
+        weights = case / "weights.caffemodel"
+        net = Net(case / "net.prototxt", weights if weights.is_file() else None, phase="TEST")
+        converted = ConvertedNet(net, args.runtime)
+        result = compare_forward(meta, arrays, lambda inputs: converted(**inputs),
+                                 args.rtol, args.atol)
+        result.case = meta.get("case", case.name)
+    return _report(result, args.json)
+
+
+def cmd_convert(args) -> int:
+    from . import convert
+    from .graph import build_graph, load_net_param, parse_input_specs
+    from .layers.base import BuildContext
+    from .net import Net
+    from .verify import compare_forward, load_reference
+
+    inputs = parse_input_specs(args.input)
+    net_param, source_dir = load_net_param(args.net, args.phase)
+    graph = build_graph(net_param, inputs, BuildContext(phase=args.phase, source_dir=source_dir,
+                                                        fill=False), device="meta", strict=False)
+    convert.check_convertible(graph, args.to)  # every layer it cannot convert, at once
+    if not args.weights:
+        print("note: no weights given: parameters come from the prototxt's fillers "
+              f"(seed {args.seed})", file=sys.stderr)
+    net = Net(args.net, args.weights, phase=args.phase, inputs=inputs or None, seed=args.seed)
+    for path in convert.write(net, args.to, args.output, args.opset, args.static_batch):
+        print(f"wrote {path}")
+    if not args.reference:
+        return 0
+    meta, arrays = load_reference(args.reference)
+    result = compare_forward(meta, arrays, convert.runner(args.to, args.output), args.rtol,
+                             args.atol)
+    return _report(result, False)
 
 
 def layer_table() -> str:
@@ -139,8 +188,32 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--atol", type=float, default=1e-6)
     verify.add_argument("--margin-backward", choices=["caffe", "exact"], default="caffe")
     verify.add_argument("--loss-mode", choices=["caffe", "exact"], default="caffe")
+    verify.add_argument("--runtime", default="torch",
+                        choices=["torch", "onnxruntime", "pytorch-source", "torchscript"],
+                        help="replay through the Net runtime (forward and backward) or "
+                             "through a converted model (forward)")
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(run=cmd_verify)
+
+    convert = sub.add_parser("convert", help="convert a Caffe net to ONNX, PyTorch source or "
+                                             "TorchScript")
+    convert.add_argument("net", help="net .prototxt")
+    convert.add_argument("weights", nargs="?", help=".caffemodel (without it: the fillers)")
+    convert.add_argument("--to", required=True, choices=["onnx", "pytorch", "torchscript"])
+    convert.add_argument("-o", "--output", required=True,
+                         help="output file (onnx, torchscript) or directory (pytorch)")
+    convert.add_argument("--phase", default="TEST", type=str.upper, choices=["TRAIN", "TEST"])
+    convert.add_argument("--input", action="append", default=[], metavar="NAME=N,C,H,W",
+                         help="shape of an input blob the prototxt leaves open (repeatable)")
+    convert.add_argument("--opset", type=int, default=17, help="ONNX opset (13 or newer)")
+    convert.add_argument("--static-batch", action="store_true",
+                         help="fix the batch dimension of the ONNX model")
+    convert.add_argument("--reference", metavar="REFERENCE.npz",
+                         help="run the converted model on these inputs and compare")
+    convert.add_argument("--seed", type=int, default=0, help="filler seed without weights")
+    convert.add_argument("--rtol", type=float, default=1e-4)
+    convert.add_argument("--atol", type=float, default=1e-6)
+    convert.set_defaults(run=cmd_convert)
 
     layers = sub.add_parser("layers", help="the supported Caffe layer types (Markdown table)")
     layers.set_defaults(run=cmd_layers)

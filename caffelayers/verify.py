@@ -100,11 +100,13 @@ def compare(key: str, ours, caffe: np.ndarray, rtol: float = RTOL, atol: float =
     return ArrayCheck(key, error, tolerance)
 
 
-def load_reference(case_dir: str | Path):
-    """``(meta, arrays)`` of a case's ``reference.npz``."""
-    path = Path(case_dir) / "reference.npz"
+def load_reference(case: str | Path):
+    """``(meta, arrays)`` of a ``reference.npz``, given the file or its case directory."""
+    path = Path(case)
+    if path.is_dir():
+        path = path / "reference.npz"
     if not path.is_file():
-        raise CaffeLayersError(f"{case_dir}: not a reference case (no reference.npz)")
+        raise CaffeLayersError(f"{case}: not a reference case (no reference.npz)")
     with np.load(path, allow_pickle=False) as archive:
         arrays = {key: archive[key] for key in archive.files}
     meta = json.loads(str(arrays.pop("meta")))
@@ -170,3 +172,24 @@ def _compare_params(result: VerifyResult, ours: Dict[str, List[torch.Tensor]],
         if blobs is not None and int(index) < len(blobs):
             value = blobs[int(index)]
         result.checks.append(compare(f"{prefix}/{key}", value, expected, rtol, atol))
+
+
+def compare_forward(meta: Dict, arrays: Dict[str, np.ndarray], run, rtol: float = RTOL,
+                    atol: float = ATOL) -> VerifyResult:
+    """Compare a converted model's outputs with the first iteration's recorded blobs.
+
+    ``run(inputs) -> {blob: array}`` runs the converted model on the recorded inputs; every
+    output blob that the reference recorded is compared (converted models are stateless
+    forwards, so the first iteration is the one to match).
+    """
+    inputs = {name: arrays[f"input/{name}"] for name in meta["inputs"]}
+    outputs = run(inputs)
+    result = VerifyResult(meta.get("case", ""))
+    for blob, value in outputs.items():
+        expected = arrays.get(f"iter0/data/{blob}")
+        if expected is not None:
+            result.checks.append(compare(f"iter0/data/{blob}", value, expected, rtol, atol))
+    if not result.checks:
+        raise CaffeLayersError("the reference records none of the converted model's outputs "
+                               f"({', '.join(outputs) or 'none'})")
+    return result

@@ -135,3 +135,43 @@ def test_verify_prints_summary_and_exit_status(capsys, cases_dir):
 def test_verify_on_a_directory_without_reference(capsys, tmp_path):
     status, _, err = run(capsys, "verify", tmp_path)
     assert status == 2 and "reference.npz" in err
+
+
+@pytest.mark.parametrize("target, output", [("onnx", "m.onnx"), ("pytorch", "m"),
+                                            ("torchscript", "m.pt")])
+def test_convert_writes_a_model_that_matches_caffe(capsys, tmp_path, cases_dir, target, output):
+    case = cases_dir / "sphereface4_deploy"
+    status, out, _ = run(capsys, "convert", case / "net.prototxt", case / "weights.caffemodel",
+                         "--to", target, "-o", tmp_path / output,
+                         "--reference", case / "reference.npz")
+    assert status == 0, out
+    assert "wrote " in out
+    assert out.strip().splitlines()[-1].startswith("verify: PASS 1/1 arrays")
+
+
+def test_convert_without_weights_says_fillers_are_used(capsys, tmp_path, cases_dir):
+    case = cases_dir / "conv_basic"
+    status, _, err = run(capsys, "convert", case / "net.prototxt", "--to", "onnx",
+                         "-o", tmp_path / "m.onnx")
+    assert status == 0 and "fillers" in err
+    status, out, _ = run(capsys, "convert", case / "net.prototxt", "--to", "onnx", "-o",
+                         tmp_path / "m.onnx", "--reference", case / "reference.npz")
+    assert status == 1 and "verify: FAIL" in out  # filler weights are not Caffe's
+
+
+def test_convert_lists_every_layer_it_cannot_convert(capsys, tmp_path):
+    path = tmp_path / "net.prototxt"
+    path.write_text('name: "n"\nlayer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+                    'layer { name: "a" type: "Frobnicate" bottom: "x" top: "a" }\n'
+                    'layer { name: "b" type: "Python" bottom: "a" top: "b" }\n')
+    for target in ("onnx", "pytorch"):
+        status, _, err = run(capsys, "convert", path, "--to", target, "-o", tmp_path / "out")
+        assert status == 2
+        assert "'a' (Frobnicate)" in err and "'b' (Python)" in err
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "pytorch-source", "torchscript"])
+def test_verify_through_converted_models(capsys, cases_dir, runtime):
+    status, out, _ = run(capsys, "verify", cases_dir / "classic_mix_deploy", "--runtime", runtime)
+    assert status == 0, out
+    assert out.strip().splitlines()[-1].startswith("verify: PASS")

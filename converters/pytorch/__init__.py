@@ -10,16 +10,22 @@ one, else a dict keyed by Caffe blob name. ``weights.pt`` is its state_dict and 
 Each Caffe type has a source emitter in ``SOURCE_EMITTERS`` (``emit_*.py``); register one for
 a new type with ``@register_source_emitter("Type")``. A net with types that have none is
 refused with one :class:`~caffelayers.errors.UnknownLayerError` listing them all.
+
+``convert_to_torchscript(net, path)`` scripts the generated module (tracing it where a
+caffelayers import cannot be scripted) and saves it for ``torch.jit.load``.
+``ConvertedNet(net, runtime)`` runs either output like ``Net.forward``, by blob name.
 """
 
 from .codegen import (GeneratedModel, convert_to_pytorch, forward_by_name, generate_pytorch,
-                      import_model_class, load_pytorch, missing_emitters)
+                      import_model_class, load_pytorch, missing_emitters, write_pytorch)
 from .registry import SOURCE_EMITTERS, register_source_emitter
+from .runtime import RUNTIMES, ConvertedNet
 from .source import LayerSource
 from .torchscript import convert_to_torchscript, load_torchscript
 
 __all__ = [
-    "GeneratedModel", "LayerSource", "SOURCE_EMITTERS", "convert_to_pytorch",
-    "convert_to_torchscript", "forward_by_name", "generate_pytorch", "import_model_class",
-    "load_pytorch", "load_torchscript", "missing_emitters", "register_source_emitter",
+    "RUNTIMES", "SOURCE_EMITTERS", "ConvertedNet", "GeneratedModel", "LayerSource",
+    "convert_to_pytorch", "convert_to_torchscript", "forward_by_name", "generate_pytorch",
+    "import_model_class", "load_pytorch", "load_torchscript", "missing_emitters",
+    "register_source_emitter", "write_pytorch",
 ]

@@ -15,11 +15,7 @@ from caffelayers.layers.normalization import BatchNorm, MVN
 from caffelayers.layers.pooling import Pooling, pooled_size
 
 from .registry import register_source_emitter
-from .source import Code, LayerSource, call, number, square, state_of
-
-
-def _canonical(axis: int, rank: int) -> int:
-    return axis + rank if axis < 0 else axis
+from .source import Code, LayerSource, call, canonical_axis, number, square, state_of
 
 
 # -- convolutions -------------------------------------------------------------------------
@@ -67,7 +63,7 @@ def inner_product(layer: LayerSource) -> None:
     handle = layer.submodule(call("nn.Linear", m.in_features, m.num_output, **kwargs),
                              state_of(weight=weight, bias=m.bias))
     rank = len(layer.bottom_shape())
-    axis = _canonical(m.axis, rank)
+    axis = canonical_axis(m.axis, rank)
     x = layer.bottoms[0]
     operand = x if axis == rank - 1 else f"torch.flatten({x}, {axis})"
     layer.assign(f"{handle}({operand})")
@@ -212,7 +208,7 @@ def batch_norm(layer: LayerSource) -> None:
         momentum = round(1.0 - m.moving_average_fraction, 6)
         handle = layer.submodule(call(cls, m.channels, eps=m.eps, momentum=momentum,
                                       affine=False), state,
-                                 note="statistics: Caffe's sums / scale factor")
+                                 note="running statistics: Caffe's sums / scale factor")
     else:
         handle = layer.submodule(call(cls, m.channels, eps=m.eps, affine=False,
                                       track_running_stats=False),
@@ -245,13 +241,13 @@ def _broadcast_view(operand_shape, rank: int, axis: int):
     operand_shape = tuple(operand_shape)
     if not operand_shape:
         return operand_shape
-    return operand_shape + (1,) * (rank - _canonical(axis, rank) - len(operand_shape))
+    return operand_shape + (1,) * (rank - canonical_axis(axis, rank) - len(operand_shape))
 
 
 def _bottom_operand(variable: str, operand_rank: int, rank: int, axis: int) -> str:
     if not operand_rank:
         return variable
-    trailing = rank - _canonical(axis, rank) - operand_rank
+    trailing = rank - canonical_axis(axis, rank) - operand_rank
     return f"{variable}[..., {', '.join(['None'] * trailing)}]" if trailing else variable
 
 

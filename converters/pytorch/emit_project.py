@@ -31,8 +31,8 @@ def margin_inner_product(layer: LayerSource) -> None:
     """SphereFace's A-Softmax head; its state holds the iteration count of the lambda
     schedule, so the converted model continues it."""
     m = layer.module
-    kwargs = dict(base=m.base, gamma=m.gamma, power=m.power, lambda_min=m.lambda_min,
-                  iteration=int(m.iteration), axis=m.axis)
+    kwargs = {"base": m.base, "gamma": m.gamma, "power": m.power, "lambda_min": m.lambda_min,
+              "iteration": int(m.iteration), "axis": m.axis}
     if m.backward != "caffe":
         kwargs["backward"] = m.backward
     handle = layer.project_module(MarginInnerProduct, m.in_features, m.num_output,
@@ -56,8 +56,8 @@ def accuracy(layer: LayerSource) -> None:
 
 
 def _softmax_loss_settings(m) -> dict:
-    return dict(axis=m.axis, normalization=m.normalization, ignore_label=m.ignore_label,
-                mode=m.mode, return_prob=m.return_prob)
+    return {"axis": m.axis, "normalization": m.normalization, "ignore_label": m.ignore_label,
+            "mode": m.mode, "return_prob": m.return_prob}
 
 
 @register_source_emitter("SoftmaxWithLoss")

@@ -4,17 +4,15 @@ Flatten, Reshape, Crop, Tile, Reduction, Silence. Each is one expression on tens
 from __future__ import annotations
 
 from .registry import register_source_emitter
-from .source import LayerSource, number
-
-
-def _canonical(axis: int, rank: int) -> int:
-    return axis + rank if axis < 0 else axis
+from .source import LayerSource, canonical_axis, number
 
 
 @register_source_emitter("Eltwise")
 def eltwise(layer: LayerSource) -> None:
     """SUM with each ``coeff`` written as a factor, PROD as a product, MAX as
-    ``torch.maximum`` (equal values: the same number whichever bottom wins)."""
+    ``torch.maximum`` (equal values: the same number whichever bottom wins). Caffe's
+    gradient rules (MAX's tie winner, ``stable_prod_grad: false``) are not reproduced:
+    the forward values are the same."""
     m = layer.module
     bottoms = layer.bottoms
     if m.operation == "PROD":
@@ -37,10 +35,16 @@ def eltwise(layer: LayerSource) -> None:
         layer.assign(expression, comment="Caffe's Eltwise coefficients" if m.coeff else "")
 
 
+def _alias(layer: LayerSource) -> None:
+    """The top is the bottom itself (nothing to write when Caffe reuses the name)."""
+    if layer.tops[0] != layer.bottoms[0]:
+        layer.assign(layer.bottoms[0])
+
+
 @register_source_emitter("Concat")
 def concat(layer: LayerSource) -> None:
     if len(layer.bottoms) == 1:
-        layer.assign(layer.bottoms[0])
+        _alias(layer)
         return
     layer.assign(f"torch.cat([{', '.join(layer.bottoms)}], dim={layer.module.axis})")
 
@@ -48,10 +52,10 @@ def concat(layer: LayerSource) -> None:
 @register_source_emitter("Slice")
 def slice_(layer: LayerSource) -> None:
     """``torch.split`` with the tops' sizes along Caffe's axis."""
-    axis = _canonical(layer.module.axis, len(layer.bottom_shape()))
+    axis = canonical_axis(layer.module.axis, len(layer.bottom_shape()))
     sizes = [shape[axis] for shape in layer.node.top_shapes]
     if len(sizes) == 1:
-        layer.assign(layer.bottoms[0])
+        _alias(layer)
         return
     layer.assign(f"torch.split({layer.bottoms[0]}, {sizes}, dim={axis})")
 
@@ -72,7 +76,7 @@ def flatten(layer: LayerSource) -> None:
     m = layer.module
     x = layer.bottoms[0]
     rank = len(layer.bottom_shape())
-    start, end = _canonical(m.axis, rank), _canonical(m.end_axis, rank)
+    start, end = canonical_axis(m.axis, rank), canonical_axis(m.end_axis, rank)
     if end == start - 1:
         layer.assign(f"{x}.unsqueeze({start})")
     elif end == rank - 1:
@@ -103,7 +107,7 @@ def crop(layer: LayerSource) -> None:
     m = layer.module
     x, reference = layer.bottoms
     rank = len(layer.bottom_shape())
-    start = _canonical(m.axis, rank)
+    start = canonical_axis(m.axis, rank)
     offsets = list(m.offset) or [0]
     if len(offsets) == 1:
         offsets = offsets * (rank - start)
@@ -120,7 +124,7 @@ def tile(layer: LayerSource) -> None:
     m = layer.module
     rank = len(layer.bottom_shape())
     repeats = [1] * rank
-    repeats[_canonical(m.axis, rank)] = m.tiles
+    repeats[canonical_axis(m.axis, rank)] = m.tiles
     layer.assign(f"{layer.bottoms[0]}.repeat({', '.join(map(str, repeats))})")
 
 
@@ -130,7 +134,7 @@ def reduction(layer: LayerSource) -> None:
     ASUM, ``x^2`` for SUMSQ) or mean, times ``coeff``."""
     m = layer.module
     x = layer.bottoms[0]
-    axis = _canonical(m.axis, len(layer.bottom_shape()))
+    axis = canonical_axis(m.axis, len(layer.bottom_shape()))
     rows = f"torch.flatten({x}, {axis})"
     if m.operation == "ASUM":
         rows += ".abs()"

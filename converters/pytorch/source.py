@@ -9,6 +9,7 @@ submodules, parameters and buffers for ``__init__`` (with the tensors that go in
 
 from __future__ import annotations
 
+import inspect
 import json
 import keyword
 import math
@@ -74,7 +75,8 @@ def literal(value) -> str:
     if isinstance(value, (float, np.floating)):
         return number(value)
     if isinstance(value, str):
-        return json.dumps(value)  # a Python string literal too, in double quotes
+        # JSON's escapes are Python's for ASCII text; repr keeps other characters exact.
+        return json.dumps(value) if value.isascii() else repr(value)
     if isinstance(value, tuple):
         items = ", ".join(literal(v) for v in value)
         return f"({items},)" if len(value) == 1 else f"({items})"
@@ -99,6 +101,11 @@ def square(values: Sequence[int]):
     """``3`` for ``(3, 3)``: PyTorch's modules take one int for equal sizes."""
     values = tuple(int(v) for v in values)
     return values[0] if len(set(values)) == 1 else values
+
+
+def canonical_axis(axis: int, rank: int) -> int:
+    """Caffe's ``CanonicalAxisIndex``: a negative axis counts from the end."""
+    return axis + rank if axis < 0 else axis
 
 
 def tensor_init(function: str, shape: Sequence[int]) -> str:
@@ -155,7 +162,7 @@ class LayerSource:
                   note: str = "") -> str:
         """Declare ``self.<layer> = constructor`` with its ``state_dict`` entries (keys
         relative to the submodule); returns ``self.<layer>`` for forward lines. ``note``
-        becomes a comment on the line."""
+        becomes a comment line above it."""
         attribute = self._claim("")
         self._writer.declare(f"self.{attribute} = {constructor}", self.name, attribute, note)
         for key, tensor in (state or {}).items():
@@ -188,6 +195,10 @@ class LayerSource:
         it is defined), with the built module's whole ``state_dict``: for layers PyTorch has
         no exact equivalent of."""
         self.require(f"from {cls.__module__} import {cls.__name__}")
+        self._writer.imported_layers.append((self.name, self.node.type))
+        defaults = {name: p.default for name, p in inspect.signature(cls).parameters.items()}
+        kwargs = {key: value for key, value in kwargs.items()
+                  if key not in defaults or not _same(defaults[key], value)}
         state = {key: value for key, value in self.module.state_dict().items()
                  if value is not None}
         return self.submodule(call(cls.__name__, *args, **kwargs), state)
@@ -210,6 +221,13 @@ class LayerSource:
 
     def comment(self, text: str) -> None:
         self.line(f"# {text}")
+
+
+def _same(default, value) -> bool:
+    """Whether a keyword argument equals the constructor's default (so it can be left out)."""
+    if default is inspect.Parameter.empty or isinstance(value, (torch.Tensor, Code)):
+        return False
+    return type(default) is type(value) and default == value
 
 
 def state_of(**tensors: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
