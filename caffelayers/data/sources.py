@@ -317,3 +317,414 @@ class ImageDataSource(Source):
         data = self.transform(image, rng, f"image {self.names[entry]!r}")
         label = np.float32(self.labels[entry])
         return (data, label)[:len(self.tops)]
+
+
+# --- Data (LMDB) ----------------------------------------------------------------------------
+
+class LMDBSource(Source):
+    """Caffe's ``Data`` layer on an LMDB database of serialized ``Datum`` messages.
+
+    A raw Datum holds ``C x H x W`` values (``data`` bytes, else ``float_data``); an encoded
+    one holds an image file, decoded with OpenCV as Caffe's ``DecodeDatumToCVMat`` does: in
+    its own channels (``IMREAD_ANYCOLOR``), or in colour or grayscale after
+    ``transform_param.force_color``/``force_gray``. Then ``transform_param``.
+
+    Caffe: ``data_param { source batch_size backend rand_skip }``; the keys are read in the
+    database's (sorted) order, wrapping around at the end, never shuffled. ``backend:
+    LEVELDB`` (Caffe's default) is not supported: give ``backend: LMDB``. ``prefetch`` is
+    the loader's business here. Every Datum must have the size of the first one.
+    """
+
+    def __init__(self, param, phase: str = "TRAIN", source_dir: Optional[Path] = None,
+                 seed: int = 0):
+        from ..proto import caffe_pb2
+
+        p = param.data_param
+        layer = _layer_text(param)
+        super().__init__(layer, param.top, p.batch_size, seed)
+        if p.backend != caffe_pb2.DataParameter.LMDB:
+            raise UnsupportedParameterError(
+                f"{layer}: backend {caffe_pb2.DataParameter.DB.Name(p.backend)} is not "
+                "supported; convert the database to LMDB and set backend: LMDB")
+        t = param.transform_param
+        if t.force_color and t.force_gray:
+            raise UnsupportedParameterError(f"{layer}: force_color and force_gray exclude "
+                                            "each other")
+        self.force = "color" if t.force_color else "gray" if t.force_gray else None
+        self.path = files.resolve(p.source, source_dir, f"{layer}: source", directory=True)
+        self.transform = DataTransformer.from_caffe(param, phase, source_dir)
+        self._env = None
+        self._pid = None
+        with self._environment().begin() as txn:
+            self.keys = list(txn.cursor().iternext(keys=True, values=False))
+        if not self.keys:
+            raise CaffeFormatError(f"{layer}: the database is empty", self.path)
+        self.skip = self.rand_skip(p.rand_skip)
+        self._shape: Optional[Shape] = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_env"] = state["_pid"] = None  # an LMDB environment lives in one process
+        return state
+
+    def _environment(self):
+        if self._env is None or self._pid != os.getpid():
+            lmdb = require("lmdb", self.layer)
+            try:
+                self._env = lmdb.open(str(self.path), readonly=True, lock=False,
+                                      readahead=False, max_readers=1024)
+            except lmdb.Error as error:
+                raise CaffeFormatError(f"{self.layer}: cannot open the LMDB database: "
+                                       f"{error}", self.path) from None
+            self._pid = os.getpid()
+        return self._env
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _key(self, position: int) -> bytes:
+        return self.keys[(position + self.skip) % len(self.keys)]
+
+    def _decode(self, key: bytes, value: Optional[bytes]):
+        """A stored value as ``(C x H x W array, label)``."""
+        from google.protobuf.message import DecodeError
+
+        from ..proto import caffe_pb2
+
+        where = f"{self.layer}: entry {key.decode(errors='replace')!r}"
+        if value is None:
+            raise CaffeFormatError(f"{where} vanished from the database", self.path)
+        try:
+            datum = caffe_pb2.Datum.FromString(value)
+        except DecodeError:
+            raise CaffeFormatError(f"{where} is not a Caffe Datum", self.path) from None
+        if datum.encoded:
+            cv2 = require("cv2", self.layer)
+            flag = {"color": cv2.IMREAD_COLOR, "gray": cv2.IMREAD_GRAYSCALE,
+                    None: cv2.IMREAD_ANYCOLOR}[self.force]
+            image = cv2.imdecode(np.frombuffer(datum.data, dtype=np.uint8), flag)
+            if image is None:
+                raise CaffeFormatError(f"{where}: its encoded image cannot be decoded",
+                                       self.path)
+            return _cv_image(image), datum.label
+        shape = (datum.channels, datum.height, datum.width)
+        size = int(np.prod(shape))
+        if datum.data:
+            values = np.frombuffer(datum.data, dtype=np.uint8)
+        else:
+            values = np.asarray(datum.float_data, dtype=np.float32)
+        if values.size != size or size == 0:
+            raise CaffeFormatError(f"{where} holds {values.size} values for its shape "
+                                   f"{'x'.join(map(str, shape))}", self.path)
+        return values.reshape(shape), datum.label
+
+    def item_shapes(self) -> List[Shape]:
+        if self._shape is None:
+            self.read([0])
+        shapes = [self.transform.output_shape(*self._shape)]
+        return shapes + [()] * (len(self.tops) - 1)
+
+    def read(self, positions: Sequence[int]) -> List[np.ndarray]:
+        images, labels = [], []
+        with self._environment().begin(buffers=False) as txn:
+            for position in positions:
+                key = self._key(position)
+                image, label = self._decode(key, txn.get(key))
+                if self._shape is None:
+                    self._shape = image.shape
+                elif image.shape != self._shape:
+                    raise CaffeFormatError(
+                        f"{self.layer}: entry {key.decode(errors='replace')!r} is "
+                        f"{'x'.join(map(str, image.shape))} (C x H x W), the first is "
+                        f"{'x'.join(map(str, self._shape))}", self.path)
+                self.check_labels([label], lambda i: (
+                    self.path, None, f"entry {key.decode(errors='replace')!r}: "))
+                rng = self.rng(position) if self.transform.random else None
+                images.append(self.transform(image, rng,
+                                             f"entry {key.decode(errors='replace')!r}"))
+                labels.append(label)
+        arrays = [np.stack(images), np.asarray(labels, dtype=np.float32)]
+        return arrays[:len(self.tops)]
+
+
+# --- HDF5Data -------------------------------------------------------------------------------
+
+class HDF5Source(Source):
+    """Caffe's ``HDF5Data``: every top is the dataset of the same name in a list of files.
+
+    Caffe: ``hdf5_data_param { source batch_size shuffle }``; ``source`` is a text file
+    naming one HDF5 file per line (whitespace-separated, as Caffe reads it), each looked for
+    from the working directory, then next to the list. Files are read whole, in the list's
+    order; ``shuffle`` draws a new file order at every pass and a new row order at every
+    visit of a file. Values are read as float32 (float64 datasets stay float64). A
+    ``transform_param`` is an error, as in Caffe ("does not transform data"). Every file
+    must hold every top with the same rows and the same trailing shape.
+    """
+
+    label_top_index = None  # any top may hold labels; the feeder says which
+
+    def __init__(self, param, phase: str = "TRAIN", source_dir: Optional[Path] = None,
+                 seed: int = 0):
+        p = param.hdf5_data_param
+        layer = _layer_text(param)
+        super().__init__(layer, param.top, p.batch_size, seed)
+        if param.HasField("transform_param") and param.transform_param.ListFields():
+            raise UnsupportedParameterError(f"{layer}: HDF5Data does not transform data; "
+                                            "remove its transform_param")
+        if not self.tops:
+            raise CaffeLayersError(f"{layer}: HDF5Data needs at least one top (a dataset "
+                                   "name)")
+        self.list_path = files.resolve(p.source, source_dir, f"{layer}: source")
+        self.shuffle = p.shuffle
+        self.files: List[Path] = []
+        self.lines: List[int] = []
+        try:
+            text = self.list_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise CaffeFormatError(f"{layer}: cannot read the file list: {error}",
+                                   self.list_path) from None
+        for number, line in enumerate(text.splitlines(), start=1):
+            for name in line.split():
+                try:
+                    self.files.append(files.resolve(name, self.list_path.parent,
+                                                    f"{layer}: HDF5 file"))
+                except CaffeLayersError as error:
+                    raise CaffeFormatError(str(error), self.list_path, number) from None
+                self.lines.append(number)
+        if not self.files:
+            raise CaffeFormatError(f"{layer}: the list names no HDF5 file", self.list_path)
+        self.rows, self._shapes = self._scan()
+        self.starts = np.concatenate([[0], np.cumsum(self.rows)])
+        self.label_top: Optional[str] = None
+        self._loaded: Tuple[int, Optional[List[np.ndarray]]] = (-1, None)
+        self._order: Tuple[int, Optional[np.ndarray]] = (-1, None)
+
+    def _open(self, index: int):
+        h5py = require("h5py", self.layer)
+        try:
+            return h5py.File(self.files[index], "r")
+        except OSError as error:
+            raise CaffeFormatError(f"{self.layer}: cannot open the HDF5 file "
+                                   f"{str(self.files[index])!r}: {error}", self.list_path,
+                                   self.lines[index]) from None
+
+    def _scan(self):
+        """Rows per file and the item shape of every top, checked across the files."""
+        rows, shapes = [], None
+        for index, path in enumerate(self.files):
+            with self._open(index) as handle:
+                found = []
+                for top in self.tops:
+                    if top not in handle or not hasattr(handle[top], "shape"):
+                        raise CaffeFormatError(
+                            f"{self.layer}: no dataset {top!r} (the layer's tops name the "
+                            f"datasets; the file has {', '.join(map(repr, handle.keys()))})",
+                            path)
+                    found.append(tuple(handle[top].shape))
+            if any(len(shape) < 1 for shape in found):
+                raise CaffeFormatError(f"{self.layer}: a dataset has no axes", path)
+            counts = {shape[0] for shape in found}
+            if len(counts) != 1:
+                raise CaffeFormatError(
+                    f"{self.layer}: the datasets {', '.join(map(repr, self.tops))} have "
+                    f"{' and '.join(str(s[0]) for s in found)} rows; they must agree", path)
+            items = [shape[1:] for shape in found]
+            if shapes is None:
+                shapes = items
+            elif items != shapes:
+                raise CaffeFormatError(f"{self.layer}: item shapes {items} differ from the "
+                                       f"first file's {shapes}", path)
+            rows.append(found[0][0])
+        if sum(rows) == 0:
+            raise CaffeFormatError(f"{self.layer}: the files hold no rows", self.list_path)
+        return rows, shapes
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def item_shapes(self) -> List[Shape]:
+        return list(self._shapes)
+
+    def set_label_rules(self, rules: Sequence[LabelRule], top: Optional[str] = None) -> None:
+        """Check the dataset ``top`` (the label blob) against ``rules``."""
+        super().set_label_rules(rules)
+        self.label_top = top if rules else None
+
+    def _file_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.files))
+        if self._order[0] != epoch:
+            self._order = (epoch, self.rng(epoch, stream=1).permutation(len(self.files)))
+        return self._order[1]
+
+    def _file(self, index: int) -> List[np.ndarray]:
+        """The datasets of file ``index``, loaded whole (and checked) once per process."""
+        if self._loaded[0] != index:
+            with self._open(index) as handle:
+                arrays = []
+                for top in self.tops:
+                    values = handle[top][()]
+                    if values.dtype != np.float64:
+                        values = values.astype(np.float32)
+                    arrays.append(values)
+            if self.label_top is not None:
+                labels = arrays[self.tops.index(self.label_top)]
+                path = self.files[index]
+                self.check_labels(labels, lambda i: (
+                    path, None, f"dataset {self.label_top!r} row {i}: "))
+            self._loaded = (index, arrays)
+        return self._loaded[1]
+
+    def read(self, positions: Sequence[int]) -> List[np.ndarray]:
+        total = len(self)
+        picks: List[Tuple[int, int]] = []
+        for position in positions:
+            epoch, offset = divmod(position, total)
+            order = self._file_order(epoch)
+            sizes = np.asarray(self.rows)[order]
+            slot = int(np.searchsorted(np.cumsum(sizes), offset, side="right"))
+            file_index = int(order[slot])
+            row = offset - int(np.sum(sizes[:slot]))
+            if self.shuffle:
+                row = int(self.rng(epoch * len(self.files) + file_index, stream=3)
+                          .permutation(self.rows[file_index])[row])
+            picks.append((file_index, row))
+        out = [np.empty((len(positions),) + tuple(shape),
+                        dtype=np.float32) for shape in self._shapes]
+        for slot, (file_index, row) in enumerate(picks):
+            arrays = self._file(file_index)
+            for target, values in zip(out, arrays):
+                target[slot] = values[row]
+        return out
+
+
+# --- MemoryData and Input -------------------------------------------------------------------
+
+class ArraySource(Source):
+    """``MemoryData`` and ``Input`` fed from arrays: batches cut in order from arrays that
+    hold every item, wrapping around at the end.
+
+    Args:
+        layer: the layer's description for messages.
+        arrays: ``{top: array}`` with the items along axis 0 (the same count for every top).
+        batch_size: items per batch.
+        item_shapes: the shape one item must have per top, where the net fixes it (None
+            leaves it free).
+        multiple: require the item count to be a multiple of ``batch_size``.
+
+    Caffe: ``MemoryData``'s ``Reset(data, labels, n)``, which the Python interface's
+    ``set_input_arrays`` calls: ``n`` must be a multiple of ``batch_size``, and these arrays
+    are not transformed (``transform_param`` applies to ``AddDatumVector``/``AddMatVector``
+    only, which read images; transform them beforehand). Labels may be ``(n,)`` or any
+    shape of ``n`` values.
+    """
+
+    label_top_index = 1
+
+    def __init__(self, layer: str, arrays: Mapping[str, np.ndarray], batch_size: int,
+                 item_shapes: Optional[Sequence[Optional[Shape]]] = None,
+                 multiple: bool = False, seed: int = 0):
+        tops = list(arrays)
+        super().__init__(layer, tops, batch_size, seed)
+        self.arrays = [np.asarray(arrays[top]) for top in tops]
+        counts = {len(a) if a.ndim else 0 for a in self.arrays}
+        if len(counts) != 1 or 0 in counts:
+            raise CaffeLayersError(f"{layer}: the arrays for {', '.join(tops)} must hold the "
+                                   f"same number (> 0) of items along axis 0, got "
+                                   f"{[a.shape for a in self.arrays]}")
+        self.count = counts.pop()
+        if multiple and self.count % self.batch_size:
+            raise CaffeLayersError(f"{layer}: {self.count} items is not a multiple of "
+                                   f"batch_size {self.batch_size}")
+        for index, expected in enumerate(item_shapes or []):
+            if expected is None:
+                continue
+            shape = self.arrays[index].shape[1:]
+            if shape != tuple(expected):
+                if int(np.prod(shape)) == int(np.prod(expected)) and len(expected) <= 1:
+                    self.arrays[index] = self.arrays[index].reshape((self.count,) +
+                                                                    tuple(expected))
+                    continue
+                raise CaffeLayersError(f"{layer}: items of {tops[index]!r} have shape "
+                                       f"{shape}, the net expects {tuple(expected)}")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def item_shapes(self) -> List[Shape]:
+        return [a.shape[1:] for a in self.arrays]
+
+    def set_label_rules(self, rules: Sequence[LabelRule], top: Optional[str] = None) -> None:
+        super().set_label_rules(rules)
+        if rules and top is not None:
+            self.check_labels(self.arrays[self.tops.index(top)], lambda i: (
+                None, None, f"array {top!r} item {i}: "))
+
+    def read(self, positions: Sequence[int]) -> List[np.ndarray]:
+        start = positions[0] % self.count
+        contiguous = (len(positions) == 1 or positions[1] - positions[0] == 1) and \
+            start + len(positions) <= self.count
+        if contiguous:
+            return [a[start:start + len(positions)] for a in self.arrays]
+        rows = np.asarray(positions) % self.count
+        return [a[rows] for a in self.arrays]
+
+
+# --- choosing a reader ----------------------------------------------------------------------
+
+def open_source(param, phase: str = "TRAIN", source_dir: Optional[Path] = None,
+                seed: int = 0, arrays: Optional[Mapping[str, np.ndarray]] = None) -> Source:
+    """The reader of a data layer.
+
+    Args:
+        param: the layer's ``LayerParameter``.
+        phase: ``"TRAIN"`` (random crops) or ``"TEST"`` (centre crops).
+        source_dir: the prototxt's directory, where relative names are also looked for.
+        seed: seeds shuffles and augmentation.
+        arrays: ``{top: array}`` for ``MemoryData`` and ``Input`` layers.
+
+    Raises:
+        UnsupportedParameterError: a layer type without a reader (``WindowData``...).
+    """
+    kind = param.type
+    layer = _layer_text(param)
+    if kind == "ImageData":
+        return ImageDataSource(param, phase, source_dir, seed)
+    if kind == "Data":
+        return LMDBSource(param, phase, source_dir, seed)
+    if kind == "HDF5Data":
+        return HDF5Source(param, phase, source_dir, seed)
+    if kind in ("MemoryData", "Input"):
+        missing = [top for top in param.top if arrays is None or top not in arrays]
+        if missing:
+            raise CaffeLayersError(
+                f"{layer} is fed from arrays: give arrays for {', '.join(map(repr, missing))} "
+                "(caffelayers.train.train(..., arrays={...}) or caffelayers.data.net_inputs)")
+        ordered = {top: arrays[top] for top in param.top}
+        if kind == "MemoryData":
+            p = param.memory_data_param
+            shapes = [(p.channels, p.height, p.width), (1,)][:len(param.top)]
+            shapes[1:] = [()] * (len(shapes) - 1)
+            return ArraySource(layer, ordered, p.batch_size, shapes, multiple=True, seed=seed)
+        dims = [tuple(s.dim) for s in param.input_param.shape]
+        if len(dims) == 1:
+            dims = dims * len(param.top)
+        if len(dims) != len(param.top) or not dims[0]:
+            raise CaffeLayersError(f"{layer}: input_param needs one shape per top")
+        return ArraySource(layer, ordered, dims[0][0], [d[1:] for d in dims], seed=seed)
+    raise UnsupportedParameterError(
+        f"{layer}: caffelayers reads {', '.join(SOURCE_TYPES)} layers; feed this one's tops "
+        "from your own code (Solver(inputs=...))")
+
+
+def probe_top_shapes(param, source_dir: Optional[Path] = None) -> Optional[List[Shape]]:
+    """The top shapes a file-backed data layer will produce, read from its first item as
+    Caffe's ``DataLayerSetUp`` does; None when they cannot be known yet (no reader for the
+    type, the ``data`` extra missing, the source absent or unreadable: the reader reports
+    those when training starts)."""
+    if param.type not in ("ImageData", "Data", "HDF5Data"):
+        return None
+    try:
+        return open_source(param, "TEST", source_dir).top_shapes()
+    except CaffeLayersError:
+        return None

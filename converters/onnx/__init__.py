@@ -10,7 +10,7 @@ type with ``@caffelayers.register_emitter("Type")`` (see :class:`EmitContext`).
 from .core import (DEFAULT_OPSET, MIN_OPSET, UNSUPPORTED, EmitContext, check_convertible,
                    convert_to_onnx, missing_emitters, output_blobs, save_onnx)
 from . import data, elementwise, linear, neuron, normalization, pooling, reduction  # noqa: F401
-from . import shape_ops  # noqa: F401  (importing the emitter modules registers them)
+from . import shape_ops, training  # noqa: F401  (importing the emitter modules registers them)
 from .runtime import inference_problem, run_onnx, verify_case_onnx
 
 __all__ = [

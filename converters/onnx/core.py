@@ -52,16 +52,6 @@ OUTPUTS_METADATA = "caffelayers.outputs"
 
 #: Caffe types that have no ONNX emitter on purpose, with the reason given to the user.
 UNSUPPORTED: Dict[str, str] = {
-    "Accuracy": "a metric that compares scores with labels, not part of inference; "
-                "convert the deploy (TEST) net without it",
-    "MarginInnerProduct": "SphereFace's training head (it needs labels and an iteration "
-                          "count); deploy nets end before it, and "
-                          "MarginInnerProduct.to_inner_product() gives its test-time form",
-    "SoftmaxWithLoss": "a training loss; a deploy net ends in Softmax instead",
-    "InfogainLoss": "a training loss; a deploy net ends in Softmax instead",
-    "InfogainLossLegacy": "a training loss; a deploy net ends in Softmax instead",
-    "SigmoidCrossEntropyLoss": "a training loss; a deploy net ends in Sigmoid instead",
-    "EuclideanLoss": "a training loss, absent from deploy nets",
     "MultinomialLogisticLoss": "a training loss, absent from deploy nets",
     "HingeLoss": "a training loss, absent from deploy nets",
     "ContrastiveLoss": "a training loss, absent from deploy nets",
