@@ -21,9 +21,13 @@ from .graph import build_graph, load_net_param
 from .layers.base import BuildContext
 
 
-def _module_key(layer_name: str) -> str:
-    # nn.Module names may not contain '.'; Caffe layer names may (rarely).
-    return layer_name.replace(".", "_")
+def _module_key(layer_name: str, taken) -> str:
+    """A ModuleDict key for a Caffe layer name: no '.', and no clash with an attribute of
+    ``nn.ModuleDict`` (a layer may be called ``train`` or ``double``) or another key."""
+    key = layer_name.replace(".", "_")
+    while hasattr(nn.ModuleDict, key) or key in taken:
+        key += "_"
+    return key
 
 
 def read_weights(path) -> Dict[str, List[np.ndarray]]:
@@ -114,9 +118,11 @@ class Net(nn.Module):
         if weights is not None:
             check_weights_fit(self.graph.nodes, trained, self.weights_path)
         self.layers = nn.ModuleDict()
+        self._keys: Dict[str, str] = {}  # Caffe layer name -> key in self.layers
         self.param_specs: Dict[str, List[Tuple[float, float]]] = {}
         for node in self.graph.nodes:
-            self.layers[_module_key(node.name)] = node.module
+            self._keys[node.name] = _module_key(node.name, self.layers)
+            self.layers[self._keys[node.name]] = node.module
             blobs = node.module.caffe_blobs()
             specs = list(node.param.param)
             self.param_specs[node.name] = [
@@ -155,7 +161,7 @@ class Net(nn.Module):
     # -- weights ---------------------------------------------------------------------------
     def layer(self, name: str):
         """The module of Caffe layer ``name``."""
-        return self.layers[_module_key(name)]
+        return self.layers[self._keys[name]]
 
     def caffe_params(self) -> Dict[str, List[torch.Tensor]]:
         """Each layer's blobs in Caffe's order (parameters and statistics buffers)."""

@@ -149,3 +149,11 @@ def test_parameters_shared_by_name_are_one_tensor(tmp_path):
     # Both uses of the shared weight add their gradients, as Caffe's shared diff does.
     assert torch.allclose(net.param_diffs()["a"][0], top.T @ x + top.T @ x2)
     assert len(list(net.parameters())) == 2 and set(out) == {"ya", "yb"}
+
+
+def test_layer_names_that_are_module_attributes(tmp_path):
+    body = ip("train", "x", "a", 3) + ip("double", "a", "b", 2) + ip("train.", "b", "c", 2)
+    net = Net(write(tmp_path, body), seed=7)
+    assert set(net(x=np.ones((2, 5), np.float32))) == {"c"}
+    assert net.layer("train").caffe_blobs()[0].shape == (3, 5)
+    assert net.layer("train.").caffe_blobs()[0].shape == (2, 2)
