@@ -19,6 +19,7 @@ import onnx
 from ...errors import CaffeLayersError, UnsupportedParameterError
 from ...verify import ATOL, RTOL, VerifyResult, compare, load_reference
 from .core import DEFAULT_OPSET, convert_to_onnx, missing_emitters, output_blobs
+from .training import lambda_feed
 
 ModelSource = Union[onnx.ModelProto, str, Path]
 
@@ -39,6 +40,7 @@ def run_onnx(model: ModelSource, inputs: Mapping[str, np.ndarray],
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # not the warning about overridable initializers
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -53,6 +55,8 @@ def run_onnx(model: ModelSource, inputs: Mapping[str, np.ndarray],
     if missing:
         raise CaffeLayersError(f"missing inputs {', '.join(missing)} (the model takes "
                                f"{', '.join(wanted)})")
+    # initializers that are also inputs (MarginInnerProduct's lambda) are fed when given
+    wanted += [i.name for i in session.get_overridable_initializers() if i.name in inputs]
     feed = {name: np.asarray(inputs[name], dtype=np.float32) for name in wanted}
     outputs = [o.name for o in session.get_outputs()]
     results = session.run(outputs, feed)
@@ -116,9 +120,10 @@ def verify_case_onnx(case_dir: Union[str, Path], rtol: float = RTOL, atol: float
     model = convert_to_onnx(net, opset=opset, static_batch=static_batch,
                             outputs=sorted(b for b in recorded if b in net.graph.blob_shapes))
     inputs = {name: arrays[f"input/{name}"] for name in meta["inputs"]}
-    results = run_onnx(model, inputs, threads)
     result = VerifyResult(meta.get("case", case_dir.name))
     for index in range(int(meta.get("iterations", 1))):
+        # the same inputs every iteration; lambda follows MarginInnerProduct's schedule
+        results = run_onnx(model, {**inputs, **lambda_feed(net, index)}, threads)
         prefix = f"iter{index}/data/"
         for key, expected in arrays.items():
             if not key.startswith(prefix):
