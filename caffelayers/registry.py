@@ -16,7 +16,8 @@ LAYERS: Dict[str, type] = {}
 EMITTERS: Dict[str, Callable] = {}
 
 
-def _register(table: Dict[str, object], kind: str, type_name: str) -> Callable[[T], T]:
+def register_in(table: Dict[str, object], kind: str, type_name: str) -> Callable[[T], T]:
+    """The decorator registering ``obj`` in ``table`` under ``type_name``, exactly once."""
     if not isinstance(type_name, str) or not type_name:
         raise TypeError(f"a {kind} is registered under a non-empty Caffe type string, "
                         f"got {type_name!r}")
@@ -35,12 +36,12 @@ def _register(table: Dict[str, object], kind: str, type_name: str) -> Callable[[
 
 def register_layer(type_name: str) -> Callable[[T], T]:
     """Class decorator: the ``torch.nn.Module`` that runs Caffe layers of ``type_name``."""
-    return _register(LAYERS, "layer", type_name)
+    return register_in(LAYERS, "layer", type_name)
 
 
 def register_emitter(type_name: str) -> Callable[[T], T]:
     """Function decorator: the ONNX emitter for Caffe layers of ``type_name``."""
-    return _register(EMITTERS, "emitter", type_name)
+    return register_in(EMITTERS, "emitter", type_name)
 
 
 def layer_class(type_name: str):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, TypeVar
 
+from caffelayers.registry import register_in
+
 F = TypeVar("F", bound=Callable)
 
 SOURCE_EMITTERS: Dict[str, Callable] = {}
@@ -18,15 +20,4 @@ SOURCE_EMITTERS: Dict[str, Callable] = {}
 
 def register_source_emitter(type_name: str) -> Callable[[F], F]:
     """Function decorator: the PyTorch source emitter for Caffe layers of ``type_name``."""
-    if not isinstance(type_name, str) or not type_name:
-        raise TypeError(f"a source emitter is registered under a non-empty Caffe type string, "
-                        f"got {type_name!r}")
-
-    def decorate(emit: F) -> F:
-        if type_name in SOURCE_EMITTERS:
-            raise ValueError(f"Caffe type {type_name!r} already has a PyTorch source emitter: "
-                             f"{SOURCE_EMITTERS[type_name]!r}")
-        SOURCE_EMITTERS[type_name] = emit
-        return emit
-
-    return decorate
+    return register_in(SOURCE_EMITTERS, "PyTorch source emitter", type_name)
