@@ -1,4 +1,5 @@
-"""Forward+backward cost of MarginInnerProduct against the plain product ``x @ W.T``.
+"""Forward+backward cost of MarginInnerProduct and the margin heads against the plain
+product ``x @ W.T``.
 
 For each shape (M rows, K features, N classes) the script times, in the same run and in
 interleaved rounds (so that slow phases of the machine hit every contender):
@@ -6,7 +7,11 @@ interleaved rounds (so that slow phases of the machine hit every contender):
 * ``product``: ``x @ W.T`` and its backward, the baseline every ratio refers to;
 * ``caffe`` and ``exact``: :class:`caffelayers.layers.MarginInnerProduct` (QUADRUPLE);
 * ``autograd``: a straightforward autograd A-Softmax (normalize, cos, Chebyshev polynomial,
-  k from acos, one-hot mix), which builds several M x N temporaries.
+  k from acos, one-hot mix), which builds several M x N temporaries;
+* ``head:sphere``, ``head:cos``, ``head:arc``, ``head:combined``:
+  :class:`caffelayers.layers.margin_head.MarginHead` on normalized features with s = 64
+  (A-Softmax m = 4, CosFace m = 0.35, ArcFace m = 0.5, combined (1, 0.3, 0.2)), the same
+  kernel as ``exact`` plus the features' normalization.
 
 Peak extra memory is the highest allocation during one forward+backward minus the plain
 product's, in MiB and in units of one M x N and one N x K float tensor (the exact mode keeps
@@ -36,9 +41,12 @@ import torch
 import torch.nn.functional as F
 
 from caffelayers.layers import MarginInnerProduct
+from caffelayers.layers.margin_head import MarginHead
 
 SHAPES = ((256, 512, 10572), (1024, 512, 10572), (512, 512, 85742))
-MODES = ("product", "caffe", "exact", "autograd")
+HEADS = {"head:sphere": ("sphere", 4), "head:cos": ("cos", 0.35), "head:arc": ("arc", 0.5),
+         "head:combined": ("combined", (1.0, 0.3, 0.2))}
+MODES = ("product", "caffe", "exact", "autograd") + tuple(HEADS)
 MARGIN = 4
 LAMBDA_SETTINGS = dict(base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0)
 CHEBYSHEV = {1: lambda c: c, 2: lambda c: 2 * c ** 2 - 1, 3: lambda c: 4 * c ** 3 - 3 * c,
@@ -70,6 +78,10 @@ class Contender:
             self.module = MarginInnerProduct(K, N, "QUADRUPLE", backward=mode,
                                              **LAMBDA_SETTINGS).to(device)
             self.weight = self.module.weight
+        elif mode in HEADS:
+            kind, margin = HEADS[mode]
+            self.module = MarginHead(K, N, kind, s=64.0, m=margin).to(device)
+            self.weight = self.module.weight
         else:
             self.weight = torch.randn(N, K, device=device, generator=generator)
             self.weight.requires_grad_()
@@ -82,6 +94,8 @@ class Contender:
             out = self.x @ self.weight.t()
         elif self.mode == "autograd":
             out = autograd_asoftmax(self.x, self.weight, self.labels, MARGIN, self.lambda_)
+        elif self.mode in HEADS:
+            out = self.module(self.x, self.labels)
         else:
             out, _ = self.module(self.x, self.labels)
         out.backward(self.grad)
@@ -140,6 +154,9 @@ def main(argv=None):
     parser.add_argument("--shapes", default=None,
                         help="M,K,N triples separated by ';' (default: the issue's three)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated subset of {', '.join(MODES)} (product and "
+                             "autograd are always timed: the ratios need them)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or this process's CPU time (steadier on a shared "
                              "machine; CPU device only)")
@@ -154,15 +171,20 @@ def main(argv=None):
         tuple(int(v) for v in triple.split(",")) for triple in args.shapes.split(";"))
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {args.clock} "
-          f"clock, median of {args.repeat} interleaved rounds, QUADRUPLE")
+          f"clock, median of {args.repeat} interleaved rounds; caffe, exact and autograd are "
+          "QUADRUPLE")
     header = ("| shape M x K x N | mode | device | ms | x product | autograd A-Softmax "
               "x product | peak extra MiB (in M x N and N x K float tensors) |")
     print(header)
     print("|" + "---|" * 7)
+    modes = [m for m in MODES if m in {"product", "autograd"} | set(args.modes.split(","))]
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown:
+        parser.error(f"unknown modes {', '.join(sorted(unknown))}")
     for M, K, N in shapes:
-        times, peaks = bench_shape(M, K, N, device, args.repeat, MODES, clock)
+        times, peaks = bench_shape(M, K, N, device, args.repeat, modes, clock)
         baseline_ratio = times["autograd"] / times["product"]
-        for mode in MODES:
+        for mode in modes:
             extra = peaks[mode] - peaks["product"]
             print(f"| {M} x {K} x {N} | {mode} | {device} | {times[mode]:.1f} | "
                   f"{times[mode] / times['product']:.3f} | {baseline_ratio:.2f} | "

@@ -10,7 +10,8 @@ random (shuffles, crops, mirrors) is a function of the seed and the stream posit
 so a batch is the same whichever process or worker reads it.
 
 Every reader is picklable and opens its files lazily in each process that uses it (loader
-workers included). Bad data is an error that names the file and the line, row or key.
+workers included; :func:`close_databases` runs before they are forked). Bad data is an error
+that names the file and the line, row or key.
 """
 
 from __future__ import annotations
@@ -321,6 +322,30 @@ class ImageDataSource(Source):
 
 # --- Data (LMDB) ----------------------------------------------------------------------------
 
+#: open LMDB environments by (path, process): py-lmdb opens a path once per process.
+_LMDB_ENVIRONMENTS: Dict[Tuple[str, int], object] = {}
+
+
+def _lmdb_environment(path: Path, layer: str):
+    key = (str(Path(path).resolve()), os.getpid())
+    if key not in _LMDB_ENVIRONMENTS:
+        lmdb = require("lmdb", layer)
+        try:
+            _LMDB_ENVIRONMENTS[key] = lmdb.open(key[0], readonly=True, lock=False,
+                                                readahead=False, max_readers=1024)
+        except lmdb.Error as error:
+            raise CaffeFormatError(f"{layer}: cannot open the LMDB database: {error}",
+                                   path) from None
+    return _LMDB_ENVIRONMENTS[key]
+
+
+def close_databases() -> None:
+    """Close this process's LMDB environments; the next read reopens them. Done before
+    loader workers are forked: py-lmdb refuses to open in a child an environment that its
+    parent had open when it forked."""
+    for key in [key for key in _LMDB_ENVIRONMENTS if key[1] == os.getpid()]:
+        _LMDB_ENVIRONMENTS.pop(key).close()
+
 class LMDBSource(Source):
     """Caffe's ``Data`` layer on an LMDB database of serialized ``Datum`` messages.
 
@@ -353,8 +378,6 @@ class LMDBSource(Source):
         self.force = "color" if t.force_color else "gray" if t.force_gray else None
         self.path = files.resolve(p.source, source_dir, f"{layer}: source", directory=True)
         self.transform = DataTransformer.from_caffe(param, phase, source_dir)
-        self._env = None
-        self._pid = None
         with self._environment().begin() as txn:
             self.keys = list(txn.cursor().iternext(keys=True, values=False))
         if not self.keys:
@@ -362,22 +385,8 @@ class LMDBSource(Source):
         self.skip = self.rand_skip(p.rand_skip)
         self._shape: Optional[Shape] = None
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_env"] = state["_pid"] = None  # an LMDB environment lives in one process
-        return state
-
     def _environment(self):
-        if self._env is None or self._pid != os.getpid():
-            lmdb = require("lmdb", self.layer)
-            try:
-                self._env = lmdb.open(str(self.path), readonly=True, lock=False,
-                                      readahead=False, max_readers=1024)
-            except lmdb.Error as error:
-                raise CaffeFormatError(f"{self.layer}: cannot open the LMDB database: "
-                                       f"{error}", self.path) from None
-            self._pid = os.getpid()
-        return self._env
+        return _lmdb_environment(self.path, self.layer)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -497,7 +506,8 @@ class HDF5Source(Source):
         self.starts = np.concatenate([[0], np.cumsum(self.rows)])
         self.label_top: Optional[str] = None
         self._loaded: Tuple[int, Optional[List[np.ndarray]]] = (-1, None)
-        self._order: Tuple[int, Optional[np.ndarray]] = (-1, None)
+        self._order: Tuple[int, Optional[Tuple[np.ndarray, np.ndarray]]] = (-1, None)
+        self._rows: Tuple[Tuple[int, int], Optional[np.ndarray]] = ((-1, -1), None)
 
     def _open(self, index: int):
         h5py = require("h5py", self.layer)
@@ -510,7 +520,7 @@ class HDF5Source(Source):
 
     def _scan(self):
         """Rows per file and the item shape of every top, checked across the files."""
-        rows, shapes = [], None
+        rows, shapes, dtypes = [], None, {}
         for index, path in enumerate(self.files):
             with self._open(index) as handle:
                 found = []
@@ -521,6 +531,9 @@ class HDF5Source(Source):
                             f"datasets; the file has {', '.join(map(repr, handle.keys()))})",
                             path)
                     found.append(tuple(handle[top].shape))
+                    wide = handle[top].dtype == np.float64
+                    dtypes[top] = np.float64 if wide or dtypes.get(top) == np.float64 \
+                        else np.float32
             if any(len(shape) < 1 for shape in found):
                 raise CaffeFormatError(f"{self.layer}: a dataset has no axes", path)
             counts = {shape[0] for shape in found}
@@ -537,6 +550,7 @@ class HDF5Source(Source):
             rows.append(found[0][0])
         if sum(rows) == 0:
             raise CaffeFormatError(f"{self.layer}: the files hold no rows", self.list_path)
+        self._dtypes = [dtypes[top] for top in self.tops]
         return rows, shapes
 
     def __len__(self) -> int:
@@ -550,12 +564,21 @@ class HDF5Source(Source):
         super().set_label_rules(rules)
         self.label_top = top if rules else None
 
-    def _file_order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.files))
+    def _file_order(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The files of a pass in reading order, and where each one's rows end."""
         if self._order[0] != epoch:
-            self._order = (epoch, self.rng(epoch, stream=1).permutation(len(self.files)))
+            order = (self.rng(epoch, stream=1).permutation(len(self.files)) if self.shuffle
+                     else np.arange(len(self.files)))
+            self._order = (epoch, (order, np.cumsum(np.asarray(self.rows)[order])))
         return self._order[1]
+
+    def _row_order(self, epoch: int, file_index: int) -> np.ndarray:
+        """The rows of a file in the order of its visit in pass ``epoch``."""
+        key = (epoch, file_index)
+        if self._rows[0] != key:
+            visit = epoch * len(self.files) + file_index
+            self._rows = (key, self.rng(visit, stream=3).permutation(self.rows[file_index]))
+        return self._rows[1]
 
     def _file(self, index: int) -> List[np.ndarray]:
         """The datasets of file ``index``, loaded whole (and checked) once per process."""
@@ -580,17 +603,15 @@ class HDF5Source(Source):
         picks: List[Tuple[int, int]] = []
         for position in positions:
             epoch, offset = divmod(position, total)
-            order = self._file_order(epoch)
-            sizes = np.asarray(self.rows)[order]
-            slot = int(np.searchsorted(np.cumsum(sizes), offset, side="right"))
+            order, ends = self._file_order(epoch)
+            slot = int(np.searchsorted(ends, offset, side="right"))
             file_index = int(order[slot])
-            row = offset - int(np.sum(sizes[:slot]))
+            row = offset - (int(ends[slot - 1]) if slot else 0)
             if self.shuffle:
-                row = int(self.rng(epoch * len(self.files) + file_index, stream=3)
-                          .permutation(self.rows[file_index])[row])
+                row = int(self._row_order(epoch, file_index)[row])
             picks.append((file_index, row))
-        out = [np.empty((len(positions),) + tuple(shape),
-                        dtype=np.float32) for shape in self._shapes]
+        out = [np.empty((len(positions),) + tuple(shape), dtype=dtype)
+               for shape, dtype in zip(self._shapes, self._dtypes)]
         for slot, (file_index, row) in enumerate(picks):
             arrays = self._file(file_index)
             for target, values in zip(out, arrays):

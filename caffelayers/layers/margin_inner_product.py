@@ -59,6 +59,11 @@ def margin_terms(cos: torch.Tensor, margin: int
     raise ValueError(f"margin must be 1, 2, 3 or 4, got {margin}")
 
 
+def _has_margin(margin) -> bool:
+    """Whether ``margin`` changes the label column (m = 1 is the plain product)."""
+    return callable(margin) or margin > 1
+
+
 def _unit_rows(weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Write ``weight``'s rows scaled to unit length into ``out`` (which may be ``weight``
     itself); return the inverse row lengths. Like Caffe, multiply by ``1 / |w|``."""
@@ -92,6 +97,9 @@ def _through_unit_rows_(grad: torch.Tensor, unit: torch.Tensor,
 class _MarginProduct(torch.autograd.Function):
     """Logits of A-Softmax on a flat ``M x K`` input; see :func:`margin_inner_product`.
 
+    ``margin`` is A-Softmax's integer m (:func:`margin_terms`), or a callable with the same
+    contract, ``cos -> (f, df/dcos, f - cos df/dcos)``, which puts another margin function
+    on the label column (the heads of :mod:`caffelayers.layers.margin_head`).
     ``prenormalized`` means the weight rows already have unit length (Caffe mode normalizes
     the parameter in place before the call); otherwise they are normalized here, out of
     place. ``exact`` (never with ``prenormalized``) picks the true derivative, through the
@@ -109,18 +117,19 @@ class _MarginProduct(torch.autograd.Function):
         x_norm = torch.linalg.vector_norm(x, dim=1)
         nonzero = x_norm > 0
         slope = radial = inverse_x_norm = None
-        if margin > 1:
+        has_margin = _has_margin(margin)
+        if has_margin:
             # A zero row gets cos = 0 instead of Caffe's NaN, hence a zero label logit.
             inverse_x_norm = torch.where(nonzero, x_norm, torch.ones_like(x_norm)).reciprocal_()
             column = labels.unsqueeze(1)
             product = logits.gather(1, column).squeeze(1)              # x . w_y
             cos = product * inverse_x_norm
-            psi, slope, radial = margin_terms(cos, margin)
+            psi, slope, radial = margin(cos) if callable(margin) else margin_terms(cos, margin)
             label_logit = (x_norm * psi + lambda_ * product) * (1.0 / (1.0 + lambda_))
             logits.scatter_(1, column, label_logit.unsqueeze(1))
         ctx.save_for_backward(x, unit_weight, labels, slope, radial, inverse_x_norm, nonzero,
                               inverse_weight_norm)
-        ctx.margin, ctx.lambda_, ctx.exact = margin, lambda_, exact
+        ctx.has_margin, ctx.lambda_, ctx.exact = has_margin, lambda_, exact
         return logits
 
     @staticmethod
@@ -128,14 +137,14 @@ class _MarginProduct(torch.autograd.Function):
     def backward(ctx, grad_logits):
         (x, unit_weight, labels, slope, radial, inverse_x_norm, nonzero,
          inverse_weight_norm) = ctx.saved_tensors
-        margin, exact = ctx.margin, ctx.exact
+        has_margin, exact = ctx.has_margin, ctx.exact
         scale = 1.0 / (1.0 + ctx.lambda_)
         grad_x = grad_weight = grad_label = None
-        if margin > 1:
+        if has_margin:
             grad_label = grad_logits.gather(1, labels.unsqueeze(1)).squeeze(1) * scale
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(grad_logits, unit_weight)
-            if margin > 1:
+            if has_margin:
                 # The label logit's derivative is (coef_w * w_y + coef_x * x + lambda w_y) /
                 # (1 + lambda); the product above already added w_y for it.
                 coef_w, coef_x = slope, radial * inverse_x_norm
@@ -151,7 +160,7 @@ class _MarginProduct(torch.autograd.Function):
             # Caffe's weight gradient is top_diff^T x whatever the margin.
             grad_weight = torch.mm(grad_logits.t(), x)
             if exact:
-                if margin > 1:
+                if has_margin:
                     grad_weight.index_add_(0, labels,
                                            x * (grad_label * (slope - 1)).unsqueeze(1))
                 _through_unit_rows_(grad_weight, unit_weight, inverse_weight_norm)

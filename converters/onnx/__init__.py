@@ -12,6 +12,7 @@ from .core import (DEFAULT_OPSET, MIN_OPSET, UNSUPPORTED, EmitContext, check_con
 from . import data, elementwise, linear, neuron, normalization, pooling, reduction  # noqa: F401
 from . import shape_ops, training  # noqa: F401  (importing the emitter modules registers them)
 from .runtime import inference_problem, run_onnx, verify_case_onnx
+from . import heads  # noqa: F401  MarginHead, SoftmaxDiffLoss
 
 __all__ = [
     "DEFAULT_OPSET", "MIN_OPSET", "UNSUPPORTED", "EmitContext", "check_convertible",
