@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(VENV)/.deps: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q ".[test]"
+	$(BIN)/python -m pip install -q ".[test,data]"
 	touch $@
 
 # Reinstall the package itself every time (not editable): tests run against what a user installs.

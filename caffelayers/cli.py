@@ -14,6 +14,7 @@ from typing import List, Optional
 
 from .errors import CaffeLayersError
 from .registry import LAYERS
+from .train import add_train_parser
 
 
 def _shape_text(shape) -> str:
@@ -215,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--atol", type=float, default=1e-6)
     convert.set_defaults(run=cmd_convert)
 
+    add_train_parser(sub)
+
     layers = sub.add_parser("layers", help="the supported Caffe layer types (Markdown table)")
     layers.set_defaults(run=cmd_layers)
     return parser
@@ -234,6 +237,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         except OSError as error:
             print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # a second Ctrl-C during train's snapshot, say
+            return 130
 
 
 if __name__ == "__main__":

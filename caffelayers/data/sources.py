@@ -10,7 +10,7 @@ random (shuffles, crops, mirrors) is a function of the seed and the stream posit
 so a batch is the same whichever process or worker reads it.
 
 Every reader is picklable and opens its files lazily in each process that uses it (loader
-workers included; :func:`close_databases` runs before they are forked). Bad data is an error
+workers included). Bad data is an error
 that names the file and the line, row or key.
 """
 
@@ -338,13 +338,6 @@ def _lmdb_environment(path: Path, layer: str):
                                    path) from None
     return _LMDB_ENVIRONMENTS[key]
 
-
-def close_databases() -> None:
-    """Close this process's LMDB environments; the next read reopens them. Done before
-    loader workers are forked: py-lmdb refuses to open in a child an environment that its
-    parent had open when it forked."""
-    for key in [key for key in _LMDB_ENVIRONMENTS if key[1] == os.getpid()]:
-        _LMDB_ENVIRONMENTS.pop(key).close()
 
 class LMDBSource(Source):
     """Caffe's ``Data`` layer on an LMDB database of serialized ``Datum`` messages.

@@ -97,6 +97,16 @@ def _data_hint(param) -> str:
     return f"--input {param.top[0]}=N,C,H,W" if param.top else ""
 
 
+def _probed(param, ctx: BuildContext, shapes: List[Optional[Shape]]) -> List[Optional[Shape]]:
+    """Where the prototxt leaves a top's shape open, read it from the first item of the data
+    source, as Caffe's ``DataLayerSetUp`` does (unknown when the source cannot be read)."""
+    if all(shape is not None for shape in shapes):
+        return shapes
+    from ..data import probe_top_shapes
+
+    return probe_top_shapes(param, ctx.source_dir) or shapes
+
+
 @register_layer("Data")
 class Data(InputLayer):
     """Caffe's ``Data`` (LMDB/LevelDB): batch size and crop size known, channels and image
@@ -105,7 +115,8 @@ class Data(InputLayer):
     @classmethod
     def from_caffe(cls, param, bottom_shapes, ctx):
         batch = param.data_param.batch_size
-        return cls(_with_label(param, _image_shape(param, batch, None), batch), _data_hint(param))
+        shapes = _with_label(param, _image_shape(param, batch, None), batch)
+        return cls(_probed(param, ctx, shapes), _data_hint(param))
 
 
 @register_layer("ImageData")
@@ -118,7 +129,8 @@ class ImageData(InputLayer):
         p = param.image_data_param
         channels = 3 if p.is_color else 1
         shape = _image_shape(param, p.batch_size, channels, p.new_height, p.new_width)
-        return cls(_with_label(param, shape, p.batch_size), _data_hint(param))
+        return cls(_probed(param, ctx, _with_label(param, shape, p.batch_size)),
+                   _data_hint(param))
 
 
 @register_layer("WindowData")
@@ -150,7 +162,7 @@ class HDF5Data(InputLayer):
 
     @classmethod
     def from_caffe(cls, param, bottom_shapes, ctx):
-        return cls([None] * len(param.top), _data_hint(param))
+        return cls(_probed(param, ctx, [None] * len(param.top)), _data_hint(param))
 
 
 @register_layer("DummyData")
