@@ -88,47 +88,12 @@ def vgg16_prototxt() -> str:
     return text + 'layer { name: "prob" type: "Softmax" bottom: "fc8" top: "prob" }\n'
 
 
-def sphereface_deploy_prototxt(units=(1, 2, 4, 1), widths=(64, 128, 256, 512),
-                               feature=512) -> str:
-    """A SphereFace deploy net as the authors write it (units per stage: SphereFace-20
-    (1, 2, 4, 1), -64 (3, 8, 16, 3)): each stage a stride-2 3x3 convolution, then residual
-    units of two 3x3 convolutions added to their input by Eltwise SUM, every convolution
-    followed by an in-place PReLU; the fc5 feature ends the net. Input 1x3x112x96."""
-    text = (f'name: "SpherefaceNet-{4 + 2 * sum(units)}"\n'
-            + _input_dims("data", (1, 3, 112, 96)))
-    bottom = "data"
-    for stage, (count, width) in enumerate(zip(units, widths), start=1):
-        head = f"conv{stage}_1"
-        text += _conv_prelu(head, bottom, width, stride=2, first=True)
-        bottom = head
-        for unit in range(count):
-            first, second = f"conv{stage}_{2 + 2 * unit}", f"conv{stage}_{3 + 2 * unit}"
-            text += _conv_prelu(first, bottom, width, stride=1, first=False)
-            text += _conv_prelu(second, first, width, stride=1, first=False)
-            residual = f"res{stage}_{3 + 2 * unit}"
-            text += (f'layer {{ name: "{residual}" type: "Eltwise" bottom: "{bottom}" '
-                     f'bottom: "{second}" top: "{residual}" eltwise_param {{ operation: SUM }} }}\n')
-            bottom = residual
-    return text + (f'layer {{ name: "fc5" type: "InnerProduct" bottom: "{bottom}" top: "fc5"\n'
-                   f'  inner_product_param {{ num_output: {feature}\n'
-                   f'    weight_filler {{ type: "xavier" }} bias_filler {{ type: "constant" }} }} }}\n')
-
-
 def _input_dims(name: str, shape) -> str:
     return f'input: "{name}"\n' + "".join(f"input_dim: {d}\n" for d in shape)
 
 
 def _fillers() -> str:
     return 'weight_filler { type: "gaussian" std: 0.01 } bias_filler { type: "constant" value: 0.1 }'
-
-
-def _conv_prelu(name: str, bottom: str, width: int, stride: int, first: bool) -> str:
-    # SphereFace's stage heads start from xavier, the residual convolutions from N(0, 0.01).
-    weights = 'type: "xavier"' if first else 'type: "gaussian" std: 0.01'
-    return (f'layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{name}"\n'
-            f'  convolution_param {{ num_output: {width} kernel_size: 3 stride: {stride} pad: 1\n'
-            f'    weight_filler {{ {weights} }} bias_filler {{ type: "constant" }} }} }}\n'
-            f'layer {{ name: "relu{name[4:]}" type: "PReLU" bottom: "{name}" top: "{name}" }}\n')
 
 
 # --- phases, each run in a child process ------------------------------------------------
@@ -326,7 +291,10 @@ def convert_report(workdir: Path, repeat: int) -> None:
 
 
 def infer_report(workdir: Path) -> None:
-    (workdir / "sphereface.prototxt").write_text(sphereface_deploy_prototxt())
+    # Imported here: the parent process stays free of caffelayers (the children measure it).
+    from caffelayers.sphereface import sphereface_prototxt
+
+    (workdir / "sphereface.prototxt").write_text(sphereface_prototxt(train=False))
     made = run_child("write-sphereface", workdir)
     print(f"SphereFace-20 deploy: {made['parameters']:,} parameters, filler weights (seed 0), "
           f"input Nx3x112x96, output fc5 (512); {THREADS} threads per engine")

@@ -37,54 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from caffelayers.layers.margin_inner_product import margin_inner_product
+from caffelayers.sphereface import IMAGE, WIDTHS, sphereface_prototxt
+from caffelayers.sphereface import UNITS as SPHEREFACE_UNITS
 from caffelayers.train import train
 
-UNITS, WIDTHS, FC5, CLASSES = (1, 2, 4, 1), (64, 128, 256, 512), 512, 10572
-HEIGHT, WIDTH = 112, 96
+UNITS, FC5, CLASSES = SPHEREFACE_UNITS[20], 512, 10572
+HEIGHT, WIDTH = IMAGE[1:]
 LAMBDA = dict(base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0)
-
-
-def _conv(name, bottom, width, stride, first):
-    filler = 'type: "xavier"' if first else 'type: "gaussian" std: 0.01'
-    return f'''layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{name}"
-  param {{ lr_mult: 1 decay_mult: 1 }} param {{ lr_mult: {2 if first else 0} decay_mult: 0 }}
-  convolution_param {{ num_output: {width} kernel_size: 3 stride: {stride} pad: 1
-    weight_filler {{ {filler} }} bias_filler {{ type: "constant" value: 0 }} }} }}
-layer {{ name: "relu{name[4:]}" type: "PReLU" bottom: "{name}" top: "{name}" }}
-'''
-
-
-def sphereface20_prototxt(batch: int) -> str:
-    """SphereFace-20 as the authors' train prototxt, with an Input layer for the data."""
-    text = f'''name: "SpherefaceNet-20"
-layer {{ name: "data" type: "Input" top: "data" top: "label"
-  input_param {{ shape {{ dim: {batch} dim: 3 dim: {HEIGHT} dim: {WIDTH} }}
-    shape {{ dim: {batch} }} }} }}
-'''
-    bottom = "data"
-    for stage, (units, width) in enumerate(zip(UNITS, WIDTHS), start=1):
-        head = f"conv{stage}_1"
-        text += _conv(head, bottom, width, 2, True)
-        bottom = head
-        for unit in range(units):
-            a, b = f"conv{stage}_{2 + 2 * unit}", f"conv{stage}_{3 + 2 * unit}"
-            text += _conv(a, bottom, width, 1, False) + _conv(b, a, width, 1, False)
-            res = f"res{stage}_{3 + 2 * unit}"
-            text += (f'layer {{ name: "{res}" type: "Eltwise" bottom: "{bottom}" bottom: "{b}" '
-                     f'top: "{res}" eltwise_param {{ operation: 1 }} }}\n')
-            bottom = res
-    return text + f'''layer {{ name: "fc5" type: "InnerProduct" bottom: "{bottom}" top: "fc5"
-  param {{ lr_mult: 1 decay_mult: 1 }} param {{ lr_mult: 2 decay_mult: 0 }}
-  inner_product_param {{ num_output: {FC5} weight_filler {{ type: "xavier" }}
-    bias_filler {{ type: "constant" value: 0 }} }} }}
-layer {{ name: "fc6" type: "MarginInnerProduct" bottom: "fc5" bottom: "label" top: "fc6"
-  top: "lambda" param {{ lr_mult: 1 decay_mult: 1 }}
-  margin_inner_product_param {{ num_output: {CLASSES} type: QUADRUPLE
-    weight_filler {{ type: "xavier" }} base: {LAMBDA["base"]} gamma: {LAMBDA["gamma"]}
-    power: {LAMBDA["power"]} lambda_min: {LAMBDA["lambda_min"]} iteration: 0 }} }}
-layer {{ name: "softmax_loss" type: "SoftmaxWithLoss" bottom: "fc6" bottom: "label"
-  top: "softmax_loss" }}
-'''
 
 
 class Unit(nn.Module):
@@ -144,7 +103,8 @@ def time_pytorch(batch, iterations, warmup, device):
 
 
 def time_caffelayers(batch, iterations, warmup, device, folder: Path):
-    (folder / "net.prototxt").write_text(sphereface20_prototxt(batch))
+    (folder / "net.prototxt").write_text(
+        sphereface_prototxt(UNITS, WIDTHS, FC5, CLASSES, batch=batch, data_layer="Input"))
     (folder / "solver.prototxt").write_text(
         f'net: "{folder / "net.prototxt"}"\nbase_lr: 0.01 momentum: 0.9 weight_decay: 0.0005\n'
         f'lr_policy: "fixed" max_iter: {warmup + iterations + 1} display: 0 snapshot: 0\n'
