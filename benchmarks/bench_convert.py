@@ -10,7 +10,8 @@ these phases, each in a fresh Python process, ``--repeat`` times (default 3) tak
   onnx are part of every later peak; its seconds are the imports, which the other rows
   leave out);
 * ``load Net``: ``Net(prototxt, caffemodel)``;
-* ``to ONNX``: ``Net`` + ``convert_to_onnx`` (with its checker) + ``save_onnx``;
+* ``to ONNX``: ``Net`` + ``export_onnx`` (convert, write, full checker on the file), as
+  ``caffelayers convert --to onnx`` runs it;
 * ``to PyTorch``: ``Net`` + ``convert_to_pytorch`` (``model.py`` + ``weights.pt``, which
   it imports and loads back to check them).
 
@@ -112,7 +113,7 @@ def child(phase: str, workdir: Path) -> dict:
         import torch
 
         torch.set_num_threads(THREADS)
-        from caffelayers.converters.onnx import convert_to_onnx, save_onnx
+        from caffelayers.converters.onnx import export_onnx
         from caffelayers.converters.pytorch import convert_to_pytorch
         from caffelayers.net import Net
 
@@ -127,9 +128,9 @@ def child(phase: str, workdir: Path) -> dict:
             net = Net(workdir / "vgg16.prototxt", workdir / "vgg16.caffemodel")
             steps["load"] = time.perf_counter() - start
             if phase == "onnx":
-                model = convert_to_onnx(net)
-                steps["convert"] = time.perf_counter() - start - steps["load"]
-                written = save_onnx(model, workdir / "vgg16.onnx")
+                # What `caffelayers convert --to onnx` runs: the weights go from the net's
+                # parameters to the file, never into a second in-memory model.
+                written = export_onnx(net, workdir / "vgg16.onnx")
                 result["bytes"] = sum(path.stat().st_size for path in written)
             elif phase == "pytorch":
                 out = convert_to_pytorch(net, workdir / "vgg16_pytorch")
@@ -271,12 +272,8 @@ def convert_report(workdir: Path, repeat: int) -> None:
         steps = ""
         if phase in ("onnx", "pytorch"):
             load = statistics.median(r["steps"]["load"] for r in runs[phase])
-            if phase == "onnx":
-                convert = statistics.median(r["steps"]["convert"] for r in runs[phase])
-                steps = (f"load {load:.1f}, convert_to_onnx {convert:.1f}, save_onnx "
-                         f"{median[phase] - load - convert:.1f}")
-            else:
-                steps = f"load {load:.1f}, convert_to_pytorch {median[phase] - load:.1f}"
+            step = "export_onnx" if phase == "onnx" else "convert_to_pytorch"
+            steps = f"load {load:.1f}, {step} {median[phase] - load:.1f}"
         print(f"{label:<20} {median[phase]:>8.2f} {versus_io:>6} {peak[phase] / MB:>12.0f} "
               f"{peak[phase] / size:>8.2f} {output:>10}  {steps}")
     print("-" * len(header))

@@ -40,10 +40,9 @@ def write(net, target: str, output: str | Path, opset: int = 17,
     """Convert a built ``Net`` and write it; returns the files written."""
     output = Path(output)
     if target == "onnx":
-        from .converters.onnx import convert_to_onnx, save_onnx
+        from .converters.onnx import export_onnx
 
-        return list(save_onnx(convert_to_onnx(net, opset=opset, static_batch=static_batch),
-                              output))
+        return list(export_onnx(net, output, opset=opset, static_batch=static_batch))
     if target == "pytorch":
         from .converters.pytorch import convert_to_pytorch
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import CaffeFormatError, CaffeLayersError
 from .graph import build_graph, load_net_param
-from .layers.base import BuildContext
+from .layers.base import BuildContext, CaffeLayer
 
 
 def _module_key(layer_name: str, taken) -> str:
@@ -30,17 +30,27 @@ def _module_key(layer_name: str, taken) -> str:
     return key
 
 
-def read_weights(path) -> Dict[str, List[np.ndarray]]:
-    """A caffemodel's blobs by layer name (only layers that have blobs)."""
+def read_weights(path, lazy: bool = False) -> Dict[str, list]:
+    """A caffemodel's blobs by layer name (only layers that have blobs): arrays, or with
+    ``lazy`` :class:`~caffelayers.proto.io.StoredBlob` objects (``shape``, ``size``,
+    ``dtype``, ``read(out=None)``) that read their values from the file when asked.
+
+    Either way the file is scanned without parsing the values into a protobuf message, so
+    reading costs the arrays (or, lazily, nothing until they are read).
+    """
     from .proto import io
 
-    model = io.read_caffemodel(path)
-    return {layer.name: [io.blob_to_array(blob) for blob in layer.blobs]
-            for layer in model.layer if len(layer.blobs)}
+    _, stored = io.read_caffemodel_blobs(path)
+    if lazy:
+        return stored
+    return {name: [blob.read() for blob in blobs] for name, blobs in stored.items()}
 
 
-def check_weights_fit(nodes, trained: Mapping[str, List[np.ndarray]], path) -> None:
+def check_weights_fit(nodes, trained: Mapping[str, list], path) -> None:
     """Raise one error naming every layer whose trained blobs do not fit the net.
+
+    ``trained`` is :func:`read_weights`'s result: arrays, or stored blobs (only their
+    ``size`` and ``shape`` are read).
 
     As Caffe's ``CopyTrainedLayersFrom``, layers absent from the file keep their fillers and
     layers absent from the net are ignored; but a file that shares no layer with the net's
@@ -109,7 +119,7 @@ class Net(nn.Module):
                                                allow_unknown_fields)
         self.phase = phase.upper()
         self.weights_path = None if weights is None else str(weights)
-        trained = read_weights(weights) if weights is not None else {}
+        trained = read_weights(weights, lazy=True) if weights is not None else {}
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         ctx = BuildContext(phase=self.phase, source_dir=source_dir, generator=generator,
                            options={"margin_backward": margin_backward, "loss_mode": loss_mode})
@@ -129,7 +139,18 @@ class Net(nn.Module):
                 (specs[i].lr_mult, specs[i].decay_mult) if i < len(specs) else (1.0, 1.0)
                 for i in range(len(blobs))]
             if node.name in trained:
-                node.module.load_caffe_blobs(trained[node.name], source=self.weights_path)
+                stored = trained[node.name]
+                if type(node.module).load_caffe_blobs is CaffeLayer.load_caffe_blobs and all(
+                        target.device.type == "cpu" and target.dtype == torch.float32
+                        and target.is_contiguous() and blob.dtype == np.float32
+                        for blob, target in zip(stored, blobs)):
+                    # Straight from the file into the parameters: no copy of the weights
+                    # is held beside them (check_weights_fit has matched the sizes).
+                    for blob, target in zip(stored, blobs):
+                        blob.read(out=target.detach().numpy())
+                else:
+                    node.module.load_caffe_blobs([blob.read() for blob in stored],
+                                                 source=self.weights_path)
         self._share_named_params()
         self.to(device=device, dtype=dtype)
         self.blobs: Dict[str, torch.Tensor] = {}

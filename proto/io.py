@@ -44,6 +44,7 @@ from .upgrade import (V0_TYPE_TO_V1, V1_TYPE_NAMES, caller_stacklevel, upgrade_n
 
 __all__ = [
     "MAX_BLOB_COUNT",
+    "StoredBlob",
     "array_to_blob",
     "blob_shape",
     "blob_to_array",
@@ -53,6 +54,7 @@ __all__ = [
     "parse_solver",
     "read_binaryproto",
     "read_caffemodel",
+    "read_caffemodel_blobs",
     "read_net",
     "read_prototxt",
     "read_solver",
@@ -101,6 +103,46 @@ def read_caffemodel(path: PathLike) -> pb.NetParameter:
     """
     with _open_binary(path) as data:
         return parse_caffemodel(data, path)
+
+
+def read_caffemodel_blobs(path: PathLike):
+    """Read a caffemodel's net without the values of its blobs, and where those values are.
+
+    Returns ``(net, blobs)``: the net as :func:`read_caffemodel` returns it (checked and
+    upgraded) but with every blob's ``data``/``diff`` left out, and ``{layer name: [StoredBlob,
+    ...]}`` for the layers with blobs, in Caffe's order. A :class:`StoredBlob` reads its
+    values from the file when asked (:meth:`StoredBlob.read`), into a new array or straight
+    into the caller's memory: a model is never held twice, nor its file mapped in memory,
+    as parsing the whole message would (the message, then the arrays made from it).
+
+    Files whose values protobuf stores otherwise than Caffe writes them (unpacked floats)
+    are parsed whole, and their blobs are read from the message.
+    """
+    with _open_binary(path) as data:
+        try:
+            stripped, places = _strip_blob_values(data)
+        except _NotCaffeLayout:
+            net = parse_caffemodel(data, path)
+            return net, {layer.name: [StoredBlob.from_blob(blob) for blob in layer.blobs]
+                         for layer in net.layer if len(layer.blobs)}
+    net = _parse_binary(stripped, pb.NetParameter, path, "a Caffe model (NetParameter)")
+    if not len(net.layer) and not len(net.layers):
+        raise CaffeFormatError("no layers: this is not a Caffe model (or an empty one)", path)
+
+    def stored(blob):
+        return places[_place_index(blob)][0]
+
+    _check_net(net, path, None, stored)
+    net = _upgrade(net, path, None)
+    blobs = {}
+    for layer in net.layer:
+        if len(layer.blobs):
+            blobs[layer.name] = [StoredBlob(blob_shape(blob), *places[_place_index(blob)][1:],
+                                            path=path) for blob in layer.blobs]
+    for layer in net.layer:
+        for blob in layer.blobs:
+            blob.ClearField("double_diff")  # the place marker
+    return net, blobs
 
 
 def parse_caffemodel(data, path: Optional[PathLike] = None) -> pb.NetParameter:
@@ -207,6 +249,61 @@ def blob_to_array(blob: pb.BlobProto, expected_shape=None) -> np.ndarray:
                                    f"{_fmt_shape(expected)}")
         shape = expected
     return values.reshape(shape)
+
+
+class StoredBlob:
+    """A caffemodel blob whose values are read when asked: from the file (a place found by
+    :func:`read_caffemodel_blobs`), or from an array.
+
+    Attributes:
+        shape: the blob's shape (``shape { dim }``, else legacy num/channels/height/width).
+        dtype: little-endian float32 for ``data``, float64 for ``double_data``, as the
+            file stores them (``read(out=...)`` wants exactly this dtype).
+        size: the number of values.
+    """
+
+    def __init__(self, shape, dtype, segments=(), path=None, array=None):
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = np.dtype(dtype)
+        self.size = math.prod(self.shape)
+        self._segments = list(segments)  # (file offset, bytes): a packed field may repeat
+        self._path = path
+        self._array = array
+
+    @classmethod
+    def from_blob(cls, blob: pb.BlobProto) -> "StoredBlob":
+        array = blob_to_array(blob)
+        return cls(array.shape, array.dtype, array=array)
+
+    def read(self, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """The values with the blob's shape: a new array, or written into ``out`` (a
+        C-contiguous array of the blob's dtype and size, any shape) and ``out`` returned."""
+        if out is None:
+            out = np.empty(self.shape, self.dtype)
+        elif out.dtype != self.dtype or out.size != self.size or not out.flags.c_contiguous \
+                or not out.flags.writeable:
+            raise ValueError(f"cannot read a {self.dtype} blob of {self.size} values into a "
+                             f"{out.dtype} array of {out.size}")
+        if self._array is not None:
+            out.reshape(-1)[...] = self._array.reshape(-1)
+            return out
+        target = memoryview(out.reshape(-1).view(np.uint8))
+        with open(self._path, "rb") as file:
+            at = 0
+            for offset, length in self._segments:
+                file.seek(offset)
+                view = target[at:at + length]
+                while len(view):
+                    got = file.readinto(view)
+                    if not got:
+                        raise CaffeFormatError("the file changed since it was read: a blob "
+                                               "ends early", self._path)
+                    view = view[got:]
+                at += length
+        return out
+
+    def __repr__(self) -> str:
+        return f"StoredBlob(shape={self.shape}, dtype={self.dtype})"
 
 
 def array_to_blob(array, double: Optional[bool] = None) -> pb.BlobProto:
@@ -500,6 +597,100 @@ def _parse_binary(data, message_class, path, what: str):
     return message
 
 
+class _NotCaffeLayout(Exception):
+    """The file is not laid out as Caffe writes it (or is not protobuf at all): leave it to
+    protobuf's parser, which knows every encoding and reports what is wrong."""
+
+
+# Where blobs sit in a serialized net: message kind -> {field number: kind of its message}.
+_BLOB_PARENTS = {
+    "net": {100: "layer", 2: "v1"},   # NetParameter.layer, .layers (V1)
+    "layer": {7: "blob"},             # LayerParameter.blobs
+    "v1": {6: "blob", 1: "v0"},       # V1LayerParameter.blobs, .layer (V0)
+    "v0": {50: "blob"},               # V0LayerParameter.blobs
+}
+_FLOAT_DATA, _FLOAT_DIFF, _DOUBLE_DATA, _DOUBLE_DIFF = 5, 6, 8, 9  # BlobProto's values
+
+
+def _read_varint(data, pos: int, end: int):
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _NotCaffeLayout
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _strip_blob_values(data):
+    """The serialized net with every blob's values left out, and the places of the values.
+
+    Each blob keeps its shape and gets ``double_diff: [i]`` (a field no caffemodel needs),
+    ``i`` indexing the returned places: ``(count, dtype, [(offset, bytes), ...])``. The
+    rest of the file is copied as it is; only the messages on the way to a blob are
+    rewritten (with their new lengths).
+    """
+    places = []
+    stripped = _strip(data, 0, len(data), "net", places)
+    return bytes(stripped), places
+
+
+def _strip(data, start: int, end: int, kind: str, places: list) -> bytearray:
+    """``data[start:end]``, a message of ``kind``, rewritten by :func:`_strip_blob_values`."""
+    out = bytearray()
+    children = _BLOB_PARENTS.get(kind, {})
+    values = {_FLOAT_DATA: [], _DOUBLE_DATA: []}
+    pos = start
+    while pos < end:
+        key, body = _read_varint(data, pos, end)
+        field, wire = key >> 3, key & 7
+        length = 0
+        if wire == 0:
+            _, after = _read_varint(data, body, end)
+        elif wire == 1:
+            after = body + 8
+        elif wire == 5:
+            after = body + 4
+        elif wire == 2:
+            length, body = _read_varint(data, body, end)
+            after = body + length
+        else:
+            raise _NotCaffeLayout  # groups: not in Caffe's schema
+        if after > end or field == 0:
+            raise _NotCaffeLayout
+        if kind == "blob" and field in (_FLOAT_DATA, _FLOAT_DIFF, _DOUBLE_DATA, _DOUBLE_DIFF):
+            if wire != 2:
+                raise _NotCaffeLayout  # unpacked values
+            if field in values:
+                values[field].append((body, length))
+        elif wire == 2 and field in children:
+            inner = _strip(data, body, after, children[field], places)
+            out += _varint(key) + _varint(len(inner)) + inner
+        else:
+            out += data[pos:after]
+        pos = after
+    if kind == "blob":
+        # As blob_to_array: double_data when there is any, else data.
+        if any(length for _, length in values[_DOUBLE_DATA]):
+            dtype, segments = np.dtype("<f8"), values[_DOUBLE_DATA]
+        else:
+            dtype, segments = np.dtype("<f4"), values[_FLOAT_DATA]
+        total = sum(length for _, length in segments)
+        if total % dtype.itemsize:
+            raise _NotCaffeLayout
+        marker = np.array([len(places)], "<f8").tobytes()
+        places.append((total // dtype.itemsize, dtype, segments))
+        out += _varint((_DOUBLE_DIFF << 3) | 2) + _varint(len(marker)) + marker
+    return out
+
+
+def _place_index(blob: pb.BlobProto) -> int:
+    return int(blob.double_diff[0])
+
+
 def _looks_like_text(data) -> bool:
     head = bytes(data[:4096])
     if b"\0" in head:
@@ -514,8 +705,12 @@ def _looks_like_text(data) -> bool:
 
 # --- checks -----------------------------------------------------------------------------
 
-def _check_net(net: pb.NetParameter, path, scan: Optional[_Scan]) -> None:
-    """Names are text and every declared shape is a possible Caffe blob shape."""
+def _check_net(net: pb.NetParameter, path, scan: Optional[_Scan], stored=None) -> None:
+    """Names are text and every declared shape is a possible Caffe blob shape.
+
+    ``stored(blob)`` gives the number of values a blob holds, where they are not in the
+    message (:func:`read_caffemodel_blobs`); by default, the length of its data.
+    """
     _check_name(net.name, "the net name", path)
     for name in net.input:
         _check_name(name, "a net input name", path)
@@ -541,7 +736,8 @@ def _check_net(net: pb.NetParameter, path, scan: Optional[_Scan]) -> None:
                                        f"known V0 types: {', '.join(sorted(V0_TYPE_TO_V1))}",
                                        path, *(where or (None, None)))
             for blob_index, blob in enumerate(v0.blobs):
-                _check_blob(blob, f"V0 layer {_name(v0)} blob {blob_index}", path, where)
+                _check_blob(blob, f"V0 layer {_name(v0)} blob {blob_index}", path, where,
+                            stored)
             continue
         for text in [layer.name] + list(layer.bottom) + list(layer.top):
             _check_name(text, "a layer or blob name", path, where)
@@ -562,7 +758,7 @@ def _check_net(net: pb.NetParameter, path, scan: Optional[_Scan]) -> None:
         for i, shape in enumerate(layer.dummy_data_param.shape):
             _check_dims(list(shape.dim), f"{label}: dummy_data_param shape {i}", path, where)
         for blob_index, blob in enumerate(layer.blobs):
-            _check_blob(blob, f"{label} blob {blob_index}", path, where)
+            _check_blob(blob, f"{label} blob {blob_index}", path, where, stored)
 
 
 def _check_name(text, what: str, path, where=None) -> None:
@@ -588,11 +784,14 @@ def _check_dims(dims, what: str, path, where=None) -> None:
                                *(where or (None, None)))
 
 
-def _check_blob(blob: pb.BlobProto, what: str, path, where=None) -> None:
+def _check_blob(blob: pb.BlobProto, what: str, path, where=None, stored=None) -> None:
     shape = blob_shape(blob)
     _check_dims(shape, what, path, where)
     count = math.prod(shape)
-    stored = len(blob.double_data) if len(blob.double_data) else len(blob.data)
+    if stored is not None:
+        stored = stored(blob)
+    else:
+        stored = len(blob.double_data) if len(blob.double_data) else len(blob.data)
     if stored != count:
         raise CaffeFormatError(f"{what}: shape {_fmt_shape(shape)} needs {count} values but "
                                f"the file holds {stored}", path, *(where or (None, None)))

@@ -3,12 +3,14 @@
 ``convert_to_onnx(Net(prototxt, caffemodel))`` builds the model with ``onnx.helper`` (no
 detour through ``torch.onnx``), reproducing Caffe's numbers where ONNX's operators mean
 something else (pooling windows and divisors, LRN, BatchNorm's scale factor, ArgMax ties);
-``save_onnx`` writes it, with external data past 2 GiB. Register an emitter for your own layer
+``save_onnx`` writes it, with external data past 2 GiB; ``export_onnx(net, path)`` does both
+without a second in-memory copy of the weights. Register an emitter for your own layer
 type with ``@caffelayers.register_emitter("Type")`` (see :class:`EmitContext`).
 """
 
 from .core import (DEFAULT_OPSET, MIN_OPSET, UNSUPPORTED, EmitContext, check_convertible,
-                   convert_to_onnx, missing_emitters, output_blobs, save_onnx)
+                   check_model, convert_to_onnx, export_onnx, missing_emitters, output_blobs,
+                   save_onnx)
 from . import data, elementwise, linear, neuron, normalization, pooling, reduction  # noqa: F401
 from . import shape_ops, training  # noqa: F401  (importing the emitter modules registers them)
 from .runtime import inference_problem, run_onnx, verify_case_onnx
@@ -16,6 +18,6 @@ from . import heads  # noqa: F401  MarginHead, SoftmaxDiffLoss
 
 __all__ = [
     "DEFAULT_OPSET", "MIN_OPSET", "UNSUPPORTED", "EmitContext", "check_convertible",
-    "convert_to_onnx", "inference_problem", "missing_emitters", "output_blobs", "run_onnx",
+    "check_model", "convert_to_onnx", "export_onnx", "inference_problem", "missing_emitters", "output_blobs", "run_onnx",
     "save_onnx", "verify_case_onnx",
 ]

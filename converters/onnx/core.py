@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -90,15 +90,19 @@ class EmitContext:
         graph: the ``NetGraph`` being converted.
         opset: the ONNX opset (default domain) the model declares.
         static_batch: whether every shape is fixed at the net's batch size.
-        nodes, initializers, inputs, value_info: the ONNX graph built so far.
+        nodes, inputs, value_info: the ONNX graph built so far.
+        initializers: the initializers so far, kept in the model being built
+            (``model.graph.initializer``), so that no tensor is copied into it afterwards.
+        model: the ``ModelProto`` the conversion fills in.
     """
 
-    def __init__(self, graph, opset: int = DEFAULT_OPSET, static_batch: bool = False):
+    def __init__(self, graph, opset: int = DEFAULT_OPSET, static_batch: bool = False,
+                 defer_values: bool = False):
         self.graph = graph
         self.opset = int(opset)
         self.static_batch = bool(static_batch)
         self.nodes: List[onnx.NodeProto] = []
-        self.initializers: List[onnx.TensorProto] = []
+        self.model = onnx.ModelProto()
         self.inputs: List[onnx.ValueInfoProto] = []
         self.value_info: List[onnx.ValueInfoProto] = []
         self.node: Optional[object] = None  # the layer being emitted
@@ -106,6 +110,10 @@ class EmitContext:
         self._current: Dict[str, str] = {}  # Caffe blob -> ONNX name of its latest value
         self._shapes: Dict[str, Tuple[Shape, Shape]] = {}  # ONNX value -> (build, probe)
         self._initializer_arrays: Dict[str, np.ndarray] = {}
+        # With defer_values, large initializers get their type and shape only; their
+        # values stay in _initializer_arrays until export_onnx writes them to the file.
+        self._defer_values = defer_values
+        self.deferred: Dict[str, np.ndarray] = {}
         self._node_names: set = set()
         self._produced: set = set()
         self._input_values = {top for node in graph.nodes if node.is_input for top in node.tops}
@@ -113,6 +121,11 @@ class EmitContext:
         self.batch = self._batch_size()
         self._probe = self._probe_shapes()
         self._top_names = self._name_tops()
+
+    @property
+    def initializers(self):
+        """The model's initializers so far (``model.graph.initializer``)."""
+        return self.model.graph.initializer
 
     # -- batch ---------------------------------------------------------------------------
     def _batch_size(self) -> Optional[int]:
@@ -247,7 +260,15 @@ class EmitContext:
             return name  # a parameter shared by name (Caffe's param { name })
         name = _unique(name, self._taken)
         self._initializer_arrays[name] = array
-        self.initializers.append(numpy_helper.from_array(array, name))
+        tensor = self.model.graph.initializer.add()
+        if self._defer_values and array.dtype.kind in "biuf" and \
+                array.nbytes >= CHECK_INLINE_LIMIT:
+            tensor.name = name
+            tensor.dims.extend(array.shape)
+            tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+            self.deferred[name] = array
+        else:
+            _fill_tensor(tensor, array, name)
         return name
 
     def param(self, node, index: int, array: Optional[np.ndarray] = None) -> str:
@@ -347,6 +368,19 @@ class EmitContext:
                 self.value_info.append(self.value_info_for(value))
 
 
+def _fill_tensor(tensor: onnx.TensorProto, array: np.ndarray, name: str) -> None:
+    """Write ``array`` into ``tensor`` as ``numpy_helper.from_array`` would, with one copy
+    of the values (the bytes handed to protobuf) instead of its several."""
+    if array.dtype.kind not in "biuf":
+        tensor.CopyFrom(numpy_helper.from_array(array, name))
+        return
+    tensor.name = name
+    tensor.dims.extend(array.shape)
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    # ONNX stores raw data little-endian.
+    tensor.raw_data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
 def missing_emitters(graph) -> List[Tuple[str, str]]:
     """``(name, type)`` of every layer of ``graph`` that has no ONNX emitter."""
     return [(node.name, node.type) for node in graph.nodes if node.type not in EMITTERS]
@@ -392,8 +426,7 @@ def convert_to_onnx(net, opset: int = DEFAULT_OPSET, static_batch: bool = False,
             ``batch``.
         outputs: Caffe blobs to expose as graph outputs besides the net's own outputs (each
             as its last value; input blobs are left out, they are the inputs).
-        check: run ``onnx.checker.check_model(full_check=True)`` (skipped for models over
-            2 GiB, which :func:`save_onnx` checks from the file).
+        check: run ONNX's full checker (:func:`check_model`) on the model.
 
     Returns:
         The model. Its metadata ``caffelayers.outputs`` maps each graph output to its blob.
@@ -403,12 +436,18 @@ def convert_to_onnx(net, opset: int = DEFAULT_OPSET, static_batch: bool = False,
         UnsupportedParameterError: listing every layer whose settings ONNX cannot express
             (Dropout in a TRAIN net, for example).
     """
+    return _convert(net, opset, static_batch, outputs, check, defer_values=False).model
+
+
+def _convert(net, opset, static_batch, outputs, check, defer_values) -> EmitContext:
+    """:func:`convert_to_onnx`, returning the context (its ``model``, and the ``deferred``
+    values of large initializers when ``defer_values``)."""
     if not MIN_OPSET <= int(opset) <= onnx.defs.onnx_opset_version():
         raise CaffeLayersError(f"opset {opset} is not supported: give {MIN_OPSET} to "
                                f"{onnx.defs.onnx_opset_version()} (default {DEFAULT_OPSET})")
     graph = _graph_of(net)
     check_convertible(graph)
-    ctx = EmitContext(graph, opset, static_batch)
+    ctx = EmitContext(graph, opset, static_batch, defer_values)
     problems = []
     for node in graph.nodes:
         try:
@@ -432,18 +471,24 @@ def convert_to_onnx(net, opset: int = DEFAULT_OPSET, static_batch: bool = False,
         graph_outputs.append(ctx.value_info_for(value))
         mapping[value] = blob
     declared = {v.name for v in graph_outputs}
-    value_info = [v for v in ctx.value_info if v.name not in declared]
-    onnx_graph = helper.make_graph(ctx.nodes, graph.name or "caffe_net", ctx.inputs,
-                                   graph_outputs, ctx.initializers, value_info=value_info)
+    # The model is filled in place: the initializers are already in ctx.model, and
+    # make_graph/make_model would copy every tensor (twice).
+    model = ctx.model
+    onnx_graph = model.graph
+    onnx_graph.name = graph.name or "caffe_net"
+    onnx_graph.node.extend(ctx.nodes)
+    onnx_graph.input.extend(ctx.inputs)
+    onnx_graph.output.extend(graph_outputs)
+    onnx_graph.value_info.extend(v for v in ctx.value_info if v.name not in declared)
     opset_imports = [helper.make_opsetid("", int(opset))]
+    model.opset_import.extend(opset_imports)
     from ... import __version__
-    model = helper.make_model(onnx_graph, opset_imports=opset_imports,
-                              producer_name="caffelayers", producer_version=__version__,
-                              ir_version=helper.find_min_ir_version_for(opset_imports))
+    model.ir_version = helper.find_min_ir_version_for(opset_imports)
+    model.producer_name, model.producer_version = "caffelayers", __version__
     helper.set_model_props(model, {OUTPUTS_METADATA: json.dumps(mapping)})
-    if check and tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD:
-        onnx.checker.check_model(model, full_check=True)
-    return model
+    if check:
+        _check(model, set(ctx.deferred))
+    return ctx
 
 
 def output_blobs(model: onnx.ModelProto) -> Dict[str, str]:
@@ -455,8 +500,198 @@ def output_blobs(model: onnx.ModelProto) -> Dict[str, str]:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """The bytes the model's initializers take in a serialized model."""
-    return sum(tensor.ByteSize() for tensor in model.graph.initializer)
+    """The bytes of the values of the model's initializers kept in the model itself (not in
+    external data): the size of a serialized model, less the graph around them.
+
+    Counted from the shapes and types, without serializing anything (``ByteSize`` does).
+    """
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            continue
+        size = _item_size(tensor.data_type)
+        total += tensor.ByteSize() if size is None else size * int(np.prod(tensor.dims))
+    return total
+
+
+def _item_size(data_type: int) -> Optional[int]:
+    """Bytes per element of a tensor type, None for strings (no fixed size)."""
+    if data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return None
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _large(tensor: onnx.TensorProto, threshold: int) -> bool:
+    """Whether ``tensor`` keeps at least ``threshold`` bytes in ``raw_data`` (the tensors
+    that external data moves out of the model, as ONNX's own saver does)."""
+    if tensor.data_location == TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+        return False
+    size = _item_size(tensor.data_type)
+    return size is not None and size * int(np.prod(tensor.dims)) >= threshold
+
+
+#: Initializers of at least this many bytes are left out of the copy the checker reads
+#: (small ones stay: shape inference reads constant shapes and axes from them).
+CHECK_INLINE_LIMIT = 2 ** 16
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """ONNX's full checker (``onnx.checker.check_model(full_check=True)``, shape inference
+    included) on ``model`` without the values of its large initializers.
+
+    The checker takes a serialized model, which for a large model costs seconds and a
+    second copy of every weight; what it checks of a weight is its type and shape, and
+    that its data is where the tensor says. So the large tensors go to the checker as
+    external data (type and shape, no values) in an empty file, and the values are known
+    to fit their shapes because :class:`EmitContext` wrote them from arrays of those shapes.
+    """
+    _check(model, set())
+
+
+def _check(model: onnx.ModelProto, deferred) -> None:
+    """:func:`check_model`; the initializers named in ``deferred`` have no values yet."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="caffelayers-onnx-check-") as folder:
+        data = "weights.data"
+        (Path(folder) / data).touch()
+        path = Path(folder) / "model.onnx"
+
+        def parts(tensor):
+            if tensor.name in deferred or _large(tensor, CHECK_INLINE_LIMIT):
+                return [_external_header(tensor, data, 0, 0).SerializeToString()]
+            return _tensor_parts(tensor)
+
+        with open(path, "wb") as file:
+            _write_model(file, model, parts)
+        onnx.checker.check_model(str(path), full_check=True)
+
+
+# Serialized ModelProto: field 7 is the graph; in GraphProto field 5 is an initializer.
+# Protobuf merges repeated occurrences of a message field, so a model written as the model
+# without initializers followed by one ``graph { initializer }`` record per tensor reads
+# back as the model itself: each tensor is serialized on its own, never the whole model.
+_MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _record(field: int, payload_size: int) -> bytes:
+    """The key and length of a length-delimited field."""
+    return _varint((field << 3) | 2) + _varint(payload_size)
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph has no initializers (copied field by field, so that
+    no tensor is copied)."""
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, skip="graph")
+    if model.HasField("graph"):
+        shell.graph.SetInParent()
+        _copy_fields(model.graph, shell.graph, skip="initializer")
+    return shell
+
+
+def _repeated(field) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.28; ``label`` before
+    return field.label == field.LABEL_REPEATED if repeated is None else repeated
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if _repeated(field):
+            getattr(target, field.name).extend(value)
+        else:
+            _copy_value(target, field, value)
+
+
+def _header(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """``tensor`` without its ``raw_data`` (copied field by field: reading ``raw_data``
+    copies the values)."""
+    header = onnx.TensorProto()
+    for field in tensor.DESCRIPTOR.fields:
+        if field.name == "raw_data":
+            continue
+        if _repeated(field):
+            getattr(header, field.name).extend(getattr(tensor, field.name))
+        elif tensor.HasField(field.name):
+            _copy_value(header, field, getattr(tensor, field.name))
+    return header
+
+
+def _copy_value(target, field, value) -> None:
+    if field.message_type is not None:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
+def _external_header(tensor: onnx.TensorProto, location: str, offset: int,
+                     length: int) -> onnx.TensorProto:
+    """``tensor`` without its values, pointing at ``length`` bytes at ``offset`` of the
+    external data file ``location``."""
+    header = _header(tensor)
+    header.ClearField("external_data")
+    header.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)),
+                       ("length", str(length))):
+        entry = header.external_data.add()
+        entry.key, entry.value = key, value
+    return header
+
+
+_TENSOR_RAW_DATA = 9  # TensorProto.raw_data
+
+
+def _write_model(file, model: onnx.ModelProto, parts_for) -> None:
+    """Write ``model`` to ``file`` one tensor at a time, each tensor as the pieces
+    ``parts_for(tensor)`` returns (which add up to the tensor, or to what stands for it)."""
+    file.write(_without_initializers(model).SerializeToString())
+    for tensor in model.graph.initializer:
+        # The parts are a temporary: one tensor's values are held at a time.
+        _write_initializer(file, parts_for(tensor))
+
+
+def _tensor_parts(tensor: onnx.TensorProto, values=None) -> list:
+    """The serialized ``tensor`` in pieces; ``values`` (any buffer) are its raw data where
+    the tensor holds none itself.
+
+    A tensor with ``raw_data`` is written as its other fields, then the values: protobuf's
+    ``SerializeToString`` would hold the values twice (its buffer and the bytes object).
+    """
+    if values is None:
+        if not tensor.HasField("raw_data"):
+            return [tensor.SerializeToString()]
+        values = tensor.raw_data
+    values = memoryview(values).cast("B")
+    return [_header(tensor).SerializeToString(), _record(_TENSOR_RAW_DATA, len(values)),
+            values]
+
+
+def _write_initializer(file, parts: list) -> None:
+    """One ``graph { initializer { parts } }`` record."""
+    size = sum(len(part) for part in parts)
+    inner = _record(_GRAPH_INITIALIZER, size)
+    file.write(_record(_MODEL_GRAPH, len(inner) + size))
+    file.write(inner)
+    for part in parts:
+        file.write(part)
+
+
+#: Offsets of tensors in an external data file are multiples of this (mmap-friendly).
+EXTERNAL_ALIGNMENT = 4096
 
 
 def save_onnx(model: onnx.ModelProto, path, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
@@ -464,33 +699,71 @@ def save_onnx(model: onnx.ModelProto, path, external_data_threshold: int = EXTER
     """Write ``model`` to ``path``; returns the files written.
 
     Models whose tensors exceed ``external_data_threshold`` bytes (by default just under the
-    2 GiB protobuf limit) keep their tensors in ``<file name>.data`` next to the model, as
-    ONNX's external data; the model object itself is left as it was.
+    2 GiB protobuf limit) keep their tensors of 1 KiB or more in ``<file name>.data`` next
+    to the model, as ONNX's external data; the model object itself is left as it was. The
+    model is written one tensor at a time, so that saving costs one tensor's bytes of
+    memory, not the whole serialized model.
 
     Args:
         model: an ONNX model (from :func:`convert_to_onnx`).
         path: the ``.onnx`` file to write.
         external_data_threshold: tensor bytes above which external data is used.
-        check: run the checker on the written file when external data was used (a model
-            that large cannot be checked in memory).
+        check: run the full checker on the written file when external data was used (with
+            the data inline, :func:`convert_to_onnx` has checked the model already).
     """
-    path = Path(path)
-    if tensor_bytes(model) <= external_data_threshold:
-        onnx.save_model(model, str(path))
-        return [path]
-    from onnx.external_data_helper import load_external_data_for_model
+    return _save(model, path, external_data_threshold, check, {})
 
+
+def _save(model: onnx.ModelProto, path, external_data_threshold: int, check: bool,
+          deferred: Mapping[str, np.ndarray]) -> List[Path]:
+    """:func:`save_onnx`; the initializers named in ``deferred`` take their values from
+    those arrays."""
+    path = Path(path)
+
+    def values_of(tensor):
+        array = deferred.get(tensor.name)
+        if array is None or tensor.HasField("raw_data"):
+            return None
+        return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+
+    if tensor_bytes(model) <= external_data_threshold:
+        with open(path, "wb") as file:
+            _write_model(file, model, lambda tensor: _tensor_parts(tensor, values_of(tensor)))
+        return [path]
     location = path.name + ".data"
     data_path = path.parent / location
-    if data_path.exists():
-        data_path.unlink()  # onnx appends to an existing data file
-    inline = [t for t in model.graph.initializer if not t.HasField("data_location")]
-    onnx.save_model(model, str(path), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=location, size_threshold=1024)
-    # onnx.save_model moved the tensors to the file; bring them back into the object.
-    load_external_data_for_model(model, str(path.parent))
-    for tensor in inline:
-        tensor.ClearField("data_location")
+    with open(data_path, "wb") as data:  # replaced, never appended to
+
+        def parts(tensor: onnx.TensorProto) -> list:
+            values = values_of(tensor)  # deferred values are all large
+            if values is None:
+                if not _large(tensor, 1024):
+                    return _tensor_parts(tensor)
+                values = tensor.raw_data
+            values = memoryview(values).cast("B")
+            offset = -data.tell() % EXTERNAL_ALIGNMENT + data.tell()
+            data.seek(offset)
+            data.write(values)
+            return [_external_header(tensor, location, offset, len(values)).SerializeToString()]
+
+        with open(path, "wb") as file:
+            _write_model(file, model, parts)
     if check:
         onnx.checker.check_model(str(path), full_check=True)
     return [path, data_path]
+
+
+def export_onnx(net, path, opset: int = DEFAULT_OPSET, static_batch: bool = False,
+                outputs: Optional[Iterable[str]] = None, check: bool = True,
+                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> List[Path]:
+    """``save_onnx(convert_to_onnx(net, ...), path)`` without a model in memory: the large
+    tensors go from the net's parameters straight to the file, so converting costs the
+    graph and one tensor at most, not a second copy of the weights.
+
+    Args: as :func:`convert_to_onnx` and :func:`save_onnx`.
+
+    Returns:
+        The files written (the model, and its external data past the threshold).
+    """
+    ctx = _convert(net, opset, static_batch, outputs, check, defer_values=True)
+    return _save(ctx.model, path, external_data_threshold, check, ctx.deferred)

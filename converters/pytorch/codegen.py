@@ -49,7 +49,11 @@ _module_counter = itertools.count()
 
 @dataclass
 class GeneratedModel:
-    """The generated source and the state_dict that goes with it."""
+    """The generated source and the state_dict that goes with it.
+
+    The state's tensors share memory with the net's parameters where those are whole CPU
+    tensors already (no copy of the weights is made): change the net, and the state follows.
+    """
 
     source: str
     state: "OrderedDict[str, torch.Tensor]"
@@ -94,7 +98,14 @@ class _Writer:
     def add_state(self, key: str, tensor: torch.Tensor) -> None:
         if key in self.state:
             raise ValueError(f"state_dict key {key!r} declared twice")
-        self.state[key] = tensor.detach().to("cpu").contiguous().clone()
+        tensor = tensor.detach().to("cpu").contiguous()
+        # A tensor that is a whole storage of its own (a CPU parameter as the net holds
+        # it) is kept, not copied: the state then shares memory with the net. A view into
+        # a larger storage is copied, since torch.save would write the whole storage.
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size() \
+                or tensor.storage_offset():
+            tensor = tensor.clone()
+        self.state[key] = tensor
 
     def read_later(self, node, variable: str) -> bool:
         index = self.graph.nodes.index(node)
@@ -250,25 +261,47 @@ def convert_to_pytorch(net, out_dir, class_name: str = "CaffeNet") -> Path:
     """Write ``model.py`` and ``weights.pt`` for a built ``Net`` into ``out_dir``.
 
     The weights are checked against the generated module before returning: the file must
-    import, and every key and shape must match (``load_state_dict(strict=True)``).
+    import, and every key and shape must match (``load_state_dict(strict=True)``), on a
+    module built on the meta device (no memory for weights, no initializers run).
 
     Returns:
         The directory written.
     """
     out = Path(out_dir)
-    write_pytorch(net, out, class_name)
+    generated = _write_files(net, out, class_name)
+    check_state(out / MODEL_FILE, generated.state, class_name)
     return out
+
+
+def _write_files(net, out: Path, class_name: str) -> GeneratedModel:
+    generated = generate_pytorch(net, class_name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MODEL_FILE).write_text(generated.source)
+    torch.save(generated.state, out / WEIGHTS_FILE)
+    return generated
+
+
+def check_state(model_file, state: Mapping[str, torch.Tensor],
+                class_name: Optional[str] = None) -> None:
+    """Import the generated ``model_file`` and load ``state`` into its module built on the
+    meta device, every key required: raises (``RuntimeError``, as ``load_state_dict``)
+    when a key is missing or unexpected, or a shape differs."""
+    cls = import_model_class(model_file, class_name)
+    try:
+        with torch.device("meta"):
+            model = cls()
+    except (NotImplementedError, RuntimeError):
+        model = cls()  # an __init__ that reads tensor values cannot run on the meta device
+    # assign=True puts the tensors themselves into the module: nothing is copied.
+    model.load_state_dict(state, strict=True, assign=True)
 
 
 def write_pytorch(net, out_dir, class_name: str = "CaffeNet"
                   ) -> Tuple[GeneratedModel, nn.Module]:
     """:func:`convert_to_pytorch`, returning what was generated and the module it loaded
     from the files to check them (eval mode, weights loaded)."""
-    generated = generate_pytorch(net, class_name)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MODEL_FILE).write_text(generated.source)
-    torch.save(generated.state, out / WEIGHTS_FILE)
+    generated = _write_files(net, out, class_name)
     return generated, load_pytorch(out, class_name, state=generated.state)
 
 
