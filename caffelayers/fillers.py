@@ -59,11 +59,12 @@ def fill(tensor: torch.Tensor, filler=None, generator: Optional[torch.Generator]
     if kind == "uniform":
         low, high = (filler.min, filler.max) if filler is not None else (0.0, 1.0)
         return tensor.uniform_(low, high, generator=generator)
+    variance_norm = filler.variance_norm if filler is not None else 0  # FAN_IN
     if kind == "xavier":
-        scale = math.sqrt(3.0 / _fan(tensor, filler.variance_norm))
+        scale = math.sqrt(3.0 / _fan(tensor, variance_norm))
         return tensor.uniform_(-scale, scale, generator=generator)
     if kind == "msra":
-        std = math.sqrt(2.0 / _fan(tensor, filler.variance_norm))
+        std = math.sqrt(2.0 / _fan(tensor, variance_norm))
         return tensor.normal_(0.0, std, generator=generator)
     if kind == "positive_unitball":
         tensor.uniform_(0.0, 1.0, generator=generator)

@@ -20,5 +20,6 @@ from . import softmax  # noqa: F401
 from . import embed  # noqa: F401
 from . import accuracy  # noqa: F401
 from .margin_inner_product import MarginInnerProduct  # noqa: F401
+from .margin_head import MarginHead  # noqa: F401  A-Softmax, AM-Softmax/CosFace, ArcFace, combined
 
-__all__ = ["BuildContext", "CaffeLayer", "MarginInnerProduct"]
+__all__ = ["BuildContext", "CaffeLayer", "MarginHead", "MarginInnerProduct"]

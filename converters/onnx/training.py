@@ -127,7 +127,7 @@ def _ignore(ctx, labels: str, ignore_label: Optional[int]):
 
 # -- MarginInnerProduct ---------------------------------------------------------------------
 
-def _psi(ctx, cos: str, margin: int) -> str:
+def margin_psi(ctx, cos: str, margin: int) -> str:
     """``psi(cos) = (-1)^k cos(m theta) - 2k`` as Chebyshev polynomials, ``k`` and the sign
     from ``Sign`` tests on ``cos`` (0 at 0), as Caffe derives them (no ``acos``)."""
     def c(value, hint):
@@ -193,7 +193,7 @@ def emit_margin_inner_product(ctx, node) -> None:
         nonzero = ctx.op("Greater", [x_norm, _scalar(ctx, 0.0, "zero")])
         safe_norm = ctx.op("Where", [nonzero, x_norm, _scalar(ctx, 1.0, "one")])
         cos = ctx.op("Div", [product, safe_norm])
-        psi = _psi(ctx, cos, module.margin)
+        psi = margin_psi(ctx, cos, module.margin)
         mixed = ctx.op("Add", [ctx.op("Mul", [x_norm, psi]), ctx.op("Mul", [lambda_, product])])
         scale = ctx.op("Reciprocal", [ctx.op("Add", [lambda_, _scalar(ctx, 1.0, "one")])])
         label_logit = ctx.op("Mul", [mixed, scale])
