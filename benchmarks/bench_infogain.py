@@ -10,11 +10,10 @@ classification (N=512, C=1000) and segmentation (N=8, C=21, 256x256).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import add_options, apply_options, median_times
 
 from caffelayers.losses.infogain import softmax_infogain_loss, softmax_loss
 
@@ -22,27 +21,6 @@ SHAPES = {
     "classification N=512 C=1000": (512, 1000),
     "segmentation N=8 C=21 256x256": (8, 21, 256, 256),
 }
-
-
-def median_times(steps, repeat: int, device: torch.device, clock=time.perf_counter):
-    """Median seconds of each step over ``repeat`` rounds, after a warm-up round.
-
-    The steps take turns within every round, so that a load change on the machine hits
-    all of them alike instead of skewing one ratio.
-    """
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    times = {name: [] for name in steps}
-    for round_ in range(repeat + 1):
-        for name, step in steps.items():
-            sync()
-            start = clock()
-            step()
-            sync()
-            if round_:
-                times[name].append(clock() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def contenders(logits, labels, H, H_learned, ignore):
@@ -70,17 +48,9 @@ def contenders(logits, labels, H, H_learned, ignore):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="cpu: the process's CPU time, steadier on a shared machine "
-                             "(CPU only; counts the work of all threads)")
+    add_options(parser, repeat=30)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    device, clock = apply_options(parser, args)
     generator = torch.Generator().manual_seed(0)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.clock} clock, median of {args.repeat}; ratio = time / F.cross_entropy time")

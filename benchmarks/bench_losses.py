@@ -14,11 +14,10 @@ backward saves. The margin heads are timed by ``bench_margin.py`` (against the p
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import add_options, apply_options, median_times
 
 from caffelayers.losses.distillation import cwtm_loss, distillation_loss, dkpp_loss
 from caffelayers.losses.distribution import softmax_diff_loss
@@ -28,23 +27,6 @@ SHAPES = {
     "classification N=512 C=1000": (512, 1000),
     "segmentation N=8 C=21 128x128": (8, 21, 128, 128),
 }
-
-
-def median_times(steps, repeat, device, clock):
-    """Median seconds of each step over ``repeat`` interleaved rounds, after a warm-up."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    times = {name: [] for name in steps}
-    for round_ in range(repeat + 1):
-        for name, step in steps.items():
-            sync()
-            start = clock()
-            step()
-            sync()
-            if round_:
-                times[name].append(clock() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 # -- straightforward autograd versions, for comparison ------------------------------------
@@ -130,18 +112,9 @@ def contenders(shape, device, generator):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--repeat", type=int, default=15, help="timed rounds")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall time, or this process's CPU time (CPU device only)")
+    add_options(parser, repeat=15)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if args.clock == "cpu" and device.type != "cpu":
-        parser.error("--clock cpu measures CPU work only; use it with --device cpu")
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    device, clock = apply_options(parser, args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {args.clock} "
           f"clock, median of {args.repeat} interleaved rounds, float32, forward + backward")
     print("| case | loss | ms | x cross_entropy | autograd version x cross_entropy |")

@@ -35,10 +35,10 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import add_options, apply_options
 
 from caffelayers.layers import MarginInnerProduct
 from caffelayers.layers.margin_head import MarginHead
@@ -149,24 +149,14 @@ def bench_shape(M, K, N, device, repeat, modes, clock):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--repeat", type=int, default=7, help="timed rounds per shape")
+    add_options(parser, repeat=7)
     parser.add_argument("--shapes", default=None,
                         help="M,K,N triples separated by ';' (default: the issue's three)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated subset of {', '.join(MODES)} (product and "
                              "autograd are always timed: the ratios need them)")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall time, or this process's CPU time (steadier on a shared "
-                             "machine; CPU device only)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if args.clock == "cpu" and device.type != "cpu":
-        parser.error("--clock cpu measures CPU work only; use it with --device cpu")
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    device, clock = apply_options(parser, args)
     shapes = SHAPES if args.shapes is None else tuple(
         tuple(int(v) for v in triple.split(",")) for triple in args.shapes.split(";"))
 
