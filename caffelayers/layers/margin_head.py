@@ -25,7 +25,8 @@ from ..errors import CaffeFormatError, ShapeError, UnsupportedParameterError
 from ..fillers import fill
 from ..registry import register_layer
 from .base import CaffeLayer, as_labels, check_label_range, count
-from .margin_inner_product import _MarginProduct, _through_unit_rows_, margin_terms
+from .margin_inner_product import (_MarginProduct, _through_unit_rows_, head_logits_shape,
+                                   margin_terms)
 
 __all__ = ["KINDS", "MarginHead", "label_margin", "margin_head"]
 
@@ -347,18 +348,7 @@ class MarginHead(CaffeLayer):
         return layer
 
     def output_shapes(self, bottom_shapes):
-        if len(bottom_shapes) not in (1, 2):
-            raise self.shape_error(bottom_shapes, "a data bottom and an optional label bottom")
-        shape = tuple(bottom_shapes[0])
-        axis = self.canonical_axis(self.axis, len(shape), bottom_shapes)
-        if count(shape, axis) != self.in_features:
-            raise self.shape_error(bottom_shapes, f"the axes from {axis} on must hold "
-                                   f"{self.in_features} elements (K), got {count(shape, axis)}")
-        rows = count(shape, 0, axis)
-        if len(bottom_shapes) == 2 and count(bottom_shapes[1]) != rows:
-            raise self.shape_error(bottom_shapes, f"one label per row: the label must have "
-                                   f"{rows} elements, got {count(bottom_shapes[1])}")
-        return [shape[:axis] + (self.num_classes,)]
+        return [head_logits_shape(self, bottom_shapes, self.in_features, self.num_classes)]
 
     def caffe_blobs(self):
         return [self.weight]

@@ -193,6 +193,23 @@ def margin_inner_product(x: torch.Tensor, weight: torch.Tensor,
                                 backward == "exact", False)
 
 
+def head_logits_shape(layer, bottom_shapes, in_features: int, classes: int):
+    """The shape rule of a classification head: data flattened from ``layer.axis`` to K
+    features, an optional label bottom with one label per row; logits ``rows x classes``."""
+    if len(bottom_shapes) not in (1, 2):
+        raise layer.shape_error(bottom_shapes, "a data bottom and a label bottom")
+    shape = tuple(bottom_shapes[0])
+    axis = layer.canonical_axis(layer.axis, len(shape), bottom_shapes)
+    if count(shape, axis) != in_features:
+        raise layer.shape_error(bottom_shapes, f"the axes from {axis} on must hold "
+                                f"{in_features} elements (K), got {count(shape, axis)}")
+    rows = count(shape, 0, axis)
+    if len(bottom_shapes) == 2 and count(bottom_shapes[1]) != rows:
+        raise layer.shape_error(bottom_shapes, f"one label per row: the label must have "
+                                f"{rows} elements, got {count(bottom_shapes[1])}")
+    return shape[:axis] + (classes,)
+
+
 @register_layer("MarginInnerProduct")
 class MarginInnerProduct(CaffeLayer):
     r"""SphereFace's A-Softmax head: a bias-free inner product with unit-length weight rows
@@ -336,18 +353,7 @@ class MarginInnerProduct(CaffeLayer):
         return layer
 
     def output_shapes(self, bottom_shapes):
-        if len(bottom_shapes) not in (1, 2):
-            raise self.shape_error(bottom_shapes, "a data bottom and a label bottom")
-        shape = tuple(bottom_shapes[0])
-        axis = self.canonical_axis(self.axis, len(shape), bottom_shapes)
-        if count(shape, axis) != self.in_features:
-            raise self.shape_error(bottom_shapes, f"the axes from {axis} on must hold "
-                                   f"{self.in_features} elements (K), got {count(shape, axis)}")
-        rows = count(shape, 0, axis)
-        if len(bottom_shapes) == 2 and count(bottom_shapes[1]) != rows:
-            raise self.shape_error(bottom_shapes, f"one label per row: the label must have "
-                                   f"{rows} elements, got {count(bottom_shapes[1])}")
-        logits = shape[:axis] + (self.num_output,)
+        logits = head_logits_shape(self, bottom_shapes, self.in_features, self.num_output)
         return [logits, (1,)] if self.lambda_top else [logits]
 
     def caffe_blobs(self):
