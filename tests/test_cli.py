@@ -175,3 +175,15 @@ def test_verify_through_converted_models(capsys, cases_dir, runtime):
     status, out, _ = run(capsys, "verify", cases_dir / "classic_mix_deploy", "--runtime", runtime)
     assert status == 0, out
     assert out.strip().splitlines()[-1].startswith("verify: PASS")
+
+
+def test_convert_rejects_shapes_that_do_not_fit_and_weights_of_another_net(capsys, tmp_path,
+                                                                          cases_dir):
+    case = cases_dir / "sphereface4_deploy"
+    status, _, err = run(capsys, "convert", case / "net.prototxt", case / "weights.caffemodel",
+                         "--to", "onnx", "-o", tmp_path / "m.onnx", "--input", "data=1,3,5,5")
+    assert status == 2 and err.startswith("error: ") and "'fc5'" in err
+    status, _, err = run(capsys, "convert", case / "net.prototxt",
+                         cases_dir / "classic_mix_deploy" / "weights.caffemodel",
+                         "--to", "pytorch", "-o", tmp_path / "m")
+    assert status == 2 and "weights of another net" in err
