@@ -39,6 +39,7 @@ def write(net, target: str, output: str | Path, opset: int = 17,
           static_batch: bool = False) -> List[Path]:
     """Convert a built ``Net`` and write it; returns the files written."""
     output = Path(output)
+    (output if target == "pytorch" else output.parent).mkdir(parents=True, exist_ok=True)
     if target == "onnx":
         from .converters.onnx import export_onnx
 
@@ -50,7 +51,6 @@ def write(net, target: str, output: str | Path, opset: int = 17,
         return [output / "model.py", output / "weights.pt"]
     from .converters.pytorch import convert_to_torchscript
 
-    output.parent.mkdir(parents=True, exist_ok=True)
     convert_to_torchscript(net, output)
     return [output]
 

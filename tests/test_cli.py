@@ -137,8 +137,8 @@ def test_verify_on_a_directory_without_reference(capsys, tmp_path):
     assert status == 2 and "reference.npz" in err
 
 
-@pytest.mark.parametrize("target, output", [("onnx", "m.onnx"), ("pytorch", "m"),
-                                            ("torchscript", "m.pt")])
+@pytest.mark.parametrize("target, output", [("onnx", "new/m.onnx"), ("pytorch", "new/m"),
+                                            ("torchscript", "new/m.pt")])
 def test_convert_writes_a_model_that_matches_caffe(capsys, tmp_path, cases_dir, target, output):
     case = cases_dir / "sphereface4_deploy"
     status, out, _ = run(capsys, "convert", case / "net.prototxt", case / "weights.caffemodel",
