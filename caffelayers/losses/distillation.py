@@ -106,6 +106,21 @@ def _distil(student, teacher_log_prob, temperature, alpha, labels, reduction, wh
     return alpha * soft + (1 - alpha) * hard
 
 
+def _checked(student_logits, teacher_logits, temperature, alpha, reduction, what: str):
+    """The checks every distillation loss makes; returns ``(temperature, alpha)``."""
+    _check(student_logits, teacher_logits, what)
+    _check_reduction(reduction, what)
+    return (_check_number(temperature, what, "temperature", 0.0),
+            _check_number(alpha, what, "alpha", 0.0, 1.0, low_open=False))
+
+
+@torch.no_grad()
+def _teacher_log_prob(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(t / T)`` over the classes; the teacher never receives a gradient."""
+    teacher = teacher_logits.detach()
+    return torch.log_softmax(teacher if temperature == 1 else teacher / temperature, 1)
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       temperature: float, alpha: float = 0.9,
                       labels: torch.Tensor | None = None,
@@ -135,14 +150,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         - Output: :math:`()`, or :math:`(N, d_1, \ldots)` with ``reduction="none"``.
     """
     what = "distillation_loss"
-    _check(student_logits, teacher_logits, what)
-    _check_reduction(reduction, what)
-    temperature = _check_number(temperature, what, "temperature", 0.0)
-    alpha = _check_number(alpha, what, "alpha", 0.0, 1.0, low_open=False)
-    with torch.no_grad():
-        teacher = teacher_logits.detach()
-        teacher_log_prob = torch.log_softmax(
-            teacher if temperature == 1 else teacher / temperature, 1)
+    temperature, alpha = _checked(student_logits, teacher_logits, temperature, alpha,
+                                  reduction, what)
+    teacher_log_prob = _teacher_log_prob(teacher_logits, temperature)
     return _distil(student_logits, teacher_log_prob, temperature, alpha, labels, reduction,
                    what)
 
@@ -242,15 +252,11 @@ def dkpp_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             when None).
     """
     what = "dkpp_loss"
-    _check(student_logits, teacher_logits, what)
-    _check_reduction(reduction, what)
-    temperature = _check_number(temperature, what, "temperature", 0.0)
-    alpha = _check_number(alpha, what, "alpha", 0.0, 1.0, low_open=False)
+    temperature, alpha = _checked(student_logits, teacher_logits, temperature, alpha,
+                                  reduction, what)
     with torch.no_grad():
-        teacher = teacher_logits.detach()
-        teacher_log_prob = torch.log_softmax(
-            teacher if temperature == 1 else teacher / temperature, 1)
-        teacher_log_prob = permute_non_argmax(teacher_log_prob, generator)
+        teacher_log_prob = permute_non_argmax(_teacher_log_prob(teacher_logits, temperature),
+                                              generator)
     return _distil(student_logits, teacher_log_prob, temperature, alpha, labels, reduction,
                    what)
 
