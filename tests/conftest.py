@@ -30,3 +30,23 @@ def cases_dir() -> Path:
 def sphereface_prototxt():
     """The generator of SphereFace prototxts (:func:`caffelayers.sphereface.sphereface_prototxt`)."""
     return make_sphereface_prototxt
+
+
+def _peak_allocation(step) -> int:
+    """Most CPU memory allocated at once during ``step()``, from the profiler's events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+@pytest.fixture
+def peak_allocation():
+    """``peak_allocation(step) -> bytes``: the memory high-water mark of one call."""
+    return _peak_allocation

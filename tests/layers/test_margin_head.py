@@ -220,19 +220,7 @@ def test_extreme_inputs_stay_finite():
             assert not logits[2].any() and not xt.grad[2].any()
 
 
-def peak_allocation(step):
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    current = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
-def test_no_temporary_of_the_logits_size():
+def test_no_temporary_of_the_logits_size(peak_allocation):
     rows, features, classes = 64, 4, 4000
     x = torch.randn(rows, features, requires_grad=True)
     label = torch.randint(0, classes, (rows,))

@@ -254,20 +254,7 @@ def test_caffe_and_exact_agree_without_a_margin():
     torch.testing.assert_close(grads["exact"][1], projected)
 
 
-def peak_allocation(step):
-    """Most CPU memory allocated at once during ``step()``, from the profiler's events."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    current = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
-def test_no_temporary_of_the_logits_size():
+def test_no_temporary_of_the_logits_size(peak_allocation):
     """Forward+backward keep no M x N tensor beyond the plain product's (the logits and
     their gradient): only O(M K + N K) extra."""
     M, K, N = 64, 4, 4000
