@@ -1,16 +1,18 @@
 """Source emitters for layers PyTorch has no equivalent of: the generated file imports the
 caffelayers module and builds it from the same plain values ``from_caffe`` used.
 
-SphereFace's MarginInnerProduct, ArgMax (Caffe's tie order and output layout), Accuracy, and
+SphereFace's MarginInnerProduct, the margin heads, ArgMax (Caffe's tie order and output layout), Accuracy, and
 the loss layers (which return the unweighted loss top, as ``Net.forward`` does).
 """
 
 from __future__ import annotations
 
 from caffelayers.layers.accuracy import Accuracy
+from caffelayers.layers.margin_head import MarginHead
 from caffelayers.layers.margin_inner_product import MarginInnerProduct
 from caffelayers.layers.reduction import ArgMax
 from caffelayers.losses import simple
+from caffelayers.losses.distribution import SoftmaxDiffLoss
 from caffelayers.losses.infogain import (InfogainLossLegacy, SoftmaxWithInfogainLoss,
                                          SoftmaxWithLoss)
 
@@ -38,6 +40,24 @@ def margin_inner_product(layer: LayerSource) -> None:
     handle = layer.project_module(MarginInnerProduct, m.in_features, m.num_output,
                                   m.margin_type, **kwargs)
     _run(layer, handle, 2)
+
+
+@register_source_emitter("MarginHead")
+def margin_head(layer: LayerSource) -> None:
+    """A-Softmax, AM-Softmax/CosFace, ArcFace or the combined margin, from caffelayers."""
+    m = layer.module
+    handle = layer.project_module(MarginHead, m.in_features, m.num_classes, m.kind, s=m.s,
+                                  m=m.m, easy_margin=m.easy_margin, lambda_=m.lambda_,
+                                  axis=m.axis)
+    _run(layer, handle, 1)
+
+
+@register_source_emitter("SoftmaxDiffLoss")
+def softmax_diff_loss(layer: LayerSource) -> None:
+    m = layer.module
+    handle = layer.project_module(SoftmaxDiffLoss, m.mode, temperature=m.temperature,
+                                  style=m.style, axis=m.axis, reduction=m.reduction)
+    _run(layer, handle, 1)
 
 
 @register_source_emitter("ArgMax")

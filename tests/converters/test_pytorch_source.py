@@ -439,3 +439,35 @@ def test_class_name_must_be_an_identifier(tmp_path):
     net = Net(case / "net.prototxt", case / "weights.caffemodel")
     with pytest.raises(CaffeLayersError, match="not a Python identifier"):
         convert_to_pytorch(net, tmp_path / "out", class_name="my net")
+
+
+HEADS_NET = """name: "heads"
+layer { name: "in" type: "Input" top: "x" top: "label" top: "target"
+  input_param { shape { dim: 3 dim: 6 } shape { dim: 3 } shape { dim: 3 dim: 5 } } }
+layer { name: "arc" type: "MarginHead" bottom: "x" bottom: "label" top: "arc"
+  margin_head_param { num_output: 5 kind: ARC margin: 0.3 scale: 8 } }
+layer { name: "combined" type: "MarginHead" bottom: "x" bottom: "label" top: "combined"
+  margin_head_param { num_output: 5 kind: COMBINED m1: 1.1 m2: 0.2 m3: 0.1 } }
+layer { name: "sphere" type: "MarginHead" bottom: "x" bottom: "label" top: "sphere"
+  margin_head_param { num_output: 5 kind: SPHERE margin: 2 } }
+layer { name: "diff" type: "SoftmaxDiffLoss" bottom: "arc" bottom: "target" top: "diff"
+  softmax_diff_loss_param { mode: MI temperature: 2 } }
+"""
+
+
+def test_margin_heads_and_softmax_diff_loss_convert(tmp_path):
+    """The caffelayers-only heads and distillation loss are imported by the generated file."""
+    path = tmp_path / "heads.prototxt"
+    path.write_text(HEADS_NET)
+    net = Net(path, phase="TRAIN", seed=3)
+    rng = np.random.default_rng(3)
+    target = rng.random((3, 5))
+    inputs = {"x": rng.standard_normal((3, 6)), "label": np.array([0.0, 4.0, 2.0]),
+              "target": target / target.sum(1, keepdims=True)}
+    with torch.no_grad():
+        expected = net(**inputs)
+        got = ConvertedNet(net, "pytorch-source")(**inputs)
+    assert set(got) == set(expected) == {"combined", "sphere", "diff"}
+    for blob, value in expected.items():
+        check = compare(blob, got[blob], value.numpy())
+        assert check.passed, check.describe()
