@@ -79,6 +79,8 @@ class _Writer:
         self.init_lines: List[str] = []
         self.forward_lines: List[str] = []
         self.state: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self.parameter_keys: Dict[int, str] = {}  # id of a Net parameter -> its first key
+        self.ties: List[str] = []
         self.imports: Set[str] = set()
         self.imported_layers: List[Tuple[str, str]] = []
         variables = Namespace(_GLOBAL_NAMES, fallback="blob")
@@ -98,6 +100,11 @@ class _Writer:
     def add_state(self, key: str, tensor: torch.Tensor) -> None:
         if key in self.state:
             raise ValueError(f"state_dict key {key!r} declared twice")
+        # A parameter the Net ties between layers (Caffe's `param { name }`) is one object
+        # there; the generated module ties it the same way, after every layer is built.
+        owner = self.parameter_keys.setdefault(id(tensor), key)
+        if owner != key and isinstance(tensor, nn.Parameter):
+            self.ties.append(f"self.{key} = self.{owner}  # shared, as Caffe's param name")
         tensor = tensor.detach().to("cpu").contiguous()
         # A tensor that is a whole storage of its own (a CPU parameter as the net holds
         # it) is kept, not copied: the state then shares memory with the net. A view into
@@ -249,7 +256,7 @@ def _assemble(writer: _Writer, net, class_name: str, inputs: List[str],
     lines += _indented([f"input_names = {literal(tuple(inputs))}",
                         f"output_names = {literal(tuple(outputs))}"], "    ")
     lines += ["", "    def __init__(self) -> None:", "        super().__init__()"]
-    lines += _indented(writer.init_lines, "        ")
+    lines += _indented(writer.init_lines + writer.ties, "        ")
     signature = ", ".join(["self"] + [f"{a}: torch.Tensor" for a in arguments])
     lines.append("")
     lines += _indented([f"def forward({signature}) -> {returns}:"], "    ")

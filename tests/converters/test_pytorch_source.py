@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from caffelayers import CaffeLayersError, Net, UnknownLayerError
-from caffelayers.converters.pytorch import (SOURCE_EMITTERS, ConvertedNet,
-                                            convert_to_pytorch, register_source_emitter)
+from caffelayers.converters.pytorch import (SOURCE_EMITTERS, ConvertedNet, convert_to_pytorch,
+                                            forward_by_name, register_source_emitter,
+                                            write_pytorch)
 from caffelayers.layers.base import CaffeLayer
 from caffelayers.registry import LAYERS
 from caffelayers.verify import compare, load_reference
@@ -471,3 +472,24 @@ def test_margin_heads_and_softmax_diff_loss_convert(tmp_path):
     for blob, value in expected.items():
         check = compare(blob, got[blob], value.numpy())
         assert check.passed, check.describe()
+
+
+def test_parameters_shared_by_name_stay_tied(tmp_path):
+    shared = ('param { name: "w" } param { name: "b" } '
+              'inner_product_param { num_output: 3 weight_filler { type: "gaussian" } '
+              'bias_filler { type: "gaussian" } } }\n')
+    path = tmp_path / "siamese.prototxt"
+    path.write_text('layer { name: "in" type: "Input" top: "x" top: "y" input_param { '
+                    'shape { dim: 2 dim: 4 } shape { dim: 2 dim: 4 } } }\n'
+                    'layer { name: "a" type: "InnerProduct" bottom: "x" top: "fa" ' + shared +
+                    'layer { name: "b" type: "InnerProduct" bottom: "y" top: "fb" ' + shared)
+    net = Net(path, seed=4)
+    source, model = write_pytorch(net, tmp_path / "out")
+    assert "self.b.weight = self.a.weight" in (tmp_path / "out" / "model.py").read_text()
+    assert model.b.weight is model.a.weight and model.b.bias is model.a.bias
+    inputs = {"x": np.ones((2, 4), np.float32), "y": np.full((2, 4), 2, np.float32)}
+    with torch.no_grad():
+        expected = net(**inputs)
+        got = forward_by_name(model, inputs)
+    for blob in ("fa", "fb"):
+        torch.testing.assert_close(got[blob], expected[blob])
