@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 import warnings
 from typing import List, Optional
 
@@ -46,7 +47,8 @@ def cmd_inspect(args) -> int:
     net_param, source_dir = load_net_param(args.net, args.phase, args.level, args.stage,
                                            allow_unknown_fields=args.allow_unknown_fields)
     graph = build_graph(net_param, parse_input_specs(args.input),
-                        BuildContext(phase=args.phase.upper(), source_dir=source_dir, fill=False),
+                        BuildContext(phase=args.phase.upper(), source_dir=source_dir,
+                                     source_file=Path(args.net), fill=False),
                         device="meta", strict=False)
     if args.weights:
         check_weights_fit(graph.nodes, read_weights(args.weights), args.weights)
@@ -94,8 +96,6 @@ def _report(result, as_json: bool) -> int:
 
 
 def cmd_verify(args) -> int:
-    from pathlib import Path
-
     from .verify import compare_forward, load_reference, verify_case
 
     if args.runtime == "torch":
@@ -130,7 +130,8 @@ def cmd_convert(args) -> int:
     inputs = parse_input_specs(args.input)
     net_param, source_dir = load_net_param(args.net, args.phase)
     graph = build_graph(net_param, inputs, BuildContext(phase=args.phase, source_dir=source_dir,
-                                                        fill=False), device="meta", strict=False)
+                                                        source_file=Path(args.net), fill=False),
+                        device="meta", strict=False)
     convert.check_convertible(graph, args.to)  # every layer it cannot convert, at once
     if not args.weights:
         print("note: no weights given: parameters come from the prototxt's fillers "

@@ -9,7 +9,9 @@ kept as ``None`` and reported instead of raised.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -111,6 +113,37 @@ def parse_input_specs(specs: Iterable[str]) -> Dict[str, Shape]:
     return shapes
 
 
+def layer_line(path: Path, layer_name: str) -> Optional[int]:
+    """The 1-based line where layer ``layer_name`` is named in a prototxt, if found."""
+    pattern = re.compile(r"\bname\s*:\s*([\"'])" + re.escape(layer_name) + r"\1")
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if pattern.search(line):
+            return number
+    return None
+
+
+@contextlib.contextmanager
+def _located(path: Optional[Path], layer_name: str):
+    """Prefix a layer's build or shape error with ``FILE:LINE:`` of the layer in the prototxt
+    (the layer's own errors name the layer but cannot know where it is written)."""
+    try:
+        yield
+    except CaffeLayersError as error:
+        if path is None or getattr(error, "path", None):
+            raise
+        line = layer_line(path, layer_name)
+        if isinstance(error, CaffeFormatError):
+            error.path, error.line = str(path), line
+            error.args = (error._compose(),)
+        else:
+            error.args = (f"{path}{'' if line is None else f':{line}'}: {error}",)
+        raise
+
+
 def _build_module(cls, param, bottom_shapes, ctx) -> CaffeLayer:
     """``cls.from_caffe``, with the layer's name added to a parameter error that lacks it
     (``__init__`` validates plain values and cannot know the name)."""
@@ -164,13 +197,13 @@ def build_graph(net_param, input_shapes: Optional[Mapping[str, Sequence[int]]] =
         cls = LAYERS.get(param.type)
         if cls is not None and all(s is not None for s in node.bottom_shapes):
             layer_ctx = dataclasses.replace(ctx, fill=ctx.fill and param.name not in no_fill)
-            with torch.device(device):
+            with _located(ctx.source_file, param.name), torch.device(device):
                 node.module = _build_module(cls, param, node.bottom_shapes, layer_ctx)
-            node.module.layer_name = param.name
-            if node.module.is_loss and not node.tops:
-                # Caffe's AutoTopBlobs: a loss layer without tops still outputs its loss.
-                node.tops = [f"(automatic {param.name})"]
-            node.top_shapes = list(node.module.output_shapes(node.bottom_shapes))
+                node.module.layer_name = param.name
+                if node.module.is_loss and not node.tops:
+                    # Caffe's AutoTopBlobs: a loss layer without tops still outputs its loss.
+                    node.tops = [f"(automatic {param.name})"]
+                node.top_shapes = list(node.module.output_shapes(node.bottom_shapes))
             if len(node.top_shapes) != len(node.tops):
                 raise CaffeFormatError(f"layer {param.name!r} ({param.type}) has "
                                        f"{len(node.tops)} tops, its type produces "

@@ -121,7 +121,9 @@ class Net(nn.Module):
         self.weights_path = None if weights is None else str(weights)
         trained = read_weights(weights, lazy=True) if weights is not None else {}
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        ctx = BuildContext(phase=self.phase, source_dir=source_dir, generator=generator,
+        source_file = Path(prototxt) if isinstance(prototxt, (str, Path)) else None
+        ctx = BuildContext(phase=self.phase, source_dir=source_dir, source_file=source_file,
+                           generator=generator,
                            options={"margin_backward": margin_backward, "loss_mode": loss_mode})
         self.graph = build_graph(net_param, inputs, ctx, device="cpu", strict=True,
                                  no_fill=trained.keys())

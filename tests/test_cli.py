@@ -187,3 +187,14 @@ def test_convert_rejects_shapes_that_do_not_fit_and_weights_of_another_net(capsy
                          cases_dir / "classic_mix_deploy" / "weights.caffemodel",
                          "--to", "pytorch", "-o", tmp_path / "m")
     assert status == 2 and "weights of another net" in err
+
+
+def test_shape_errors_name_the_file_the_line_and_the_layer(capsys, tmp_path):
+    path = tmp_path / "net.prototxt"
+    path.write_text('name: "n"\n'
+                    'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 4 } } }\n'
+                    'layer {\n  name: "pool"\n  type: "Pooling"\n  bottom: "x"\n  top: "p"\n'
+                    '  pooling_param { pool: MAX kernel_size: 9 }\n}\n')
+    status, _, err = run(capsys, "inspect", path)
+    assert status == 2
+    assert err.startswith(f"error: {path}:4: ") and "'pool'" in err

@@ -38,6 +38,7 @@ class BuildContext:
     Attributes:
         phase: ``"TRAIN"`` or ``"TEST"``, the phase the net is built in.
         source_dir: directory that relative file names in the prototxt are resolved against.
+        source_file: the prototxt, so that errors can name its file and the layer's line.
         fill: apply the prototxt's fillers to new parameters (False when weights follow).
         generator: random source for fillers, so that a seeded build is repeatable.
         options: net-wide switches such as ``margin_backward`` or ``loss_mode``.
@@ -45,6 +46,7 @@ class BuildContext:
 
     phase: str = "TEST"
     source_dir: Optional[Path] = None
+    source_file: Optional[Path] = None
     fill: bool = True
     generator: Optional[torch.Generator] = None
     options: Dict[str, Any] = field(default_factory=dict)
