@@ -157,3 +157,32 @@ def test_layer_names_that_are_module_attributes(tmp_path):
     assert set(net(x=np.ones((2, 5), np.float32))) == {"c"}
     assert net.layer("train").caffe_blobs()[0].shape == (3, 5)
     assert net.layer("train.").caffe_blobs()[0].shape == (2, 2)
+
+
+def test_users_register_their_own_layer_types(tmp_path):
+    from caffelayers import register_layer
+    from caffelayers.layers import CaffeLayer
+    from caffelayers.registry import LAYERS
+
+    @register_layer("TimesTwoForTest")
+    class TimesTwo(CaffeLayer):
+        """y = 2 x."""
+
+        @classmethod
+        def from_caffe(cls, param, bottom_shapes, ctx):
+            return cls()
+
+        def output_shapes(self, bottom_shapes):
+            return [bottom_shapes[0]]
+
+        def forward(self, x):
+            return 2 * x
+
+    try:
+        net = Net(write(tmp_path, 'layer { name: "double" type: "TimesTwoForTest" '
+                                  'bottom: "x" top: "y" }\n'))
+        assert torch.equal(net(x=torch.ones(2, 5))["y"], torch.full((2, 5), 2.0))
+        with pytest.raises(ValueError, match="already has a layer"):
+            register_layer("TimesTwoForTest")(TimesTwo)
+    finally:
+        del LAYERS["TimesTwoForTest"]
