@@ -51,11 +51,7 @@ BATCH = "batch"
 OUTPUTS_METADATA = "caffelayers.outputs"
 
 #: Caffe types that have no ONNX emitter on purpose, with the reason given to the user.
-UNSUPPORTED: Dict[str, str] = {
-    "MultinomialLogisticLoss": "a training loss, absent from deploy nets",
-    "HingeLoss": "a training loss, absent from deploy nets",
-    "ContrastiveLoss": "a training loss, absent from deploy nets",
-}
+UNSUPPORTED: Dict[str, str] = {}
 
 Shape = Tuple[int, ...]
 Names = Union[None, int, str, Sequence[str]]

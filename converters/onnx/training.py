@@ -1,15 +1,17 @@
 """Emitters for TRAIN nets: SphereFace's MarginInnerProduct, the softmax and infogain losses,
-EuclideanLoss, SigmoidCrossEntropyLoss and Accuracy, as subgraphs of standard ops.
+EuclideanLoss, SigmoidCrossEntropyLoss, MultinomialLogisticLoss, HingeLoss, ContrastiveLoss
+and Accuracy, as subgraphs of standard ops.
 
 Their forward values are Caffe's (the Net's ``loss_mode="caffe"``, its default): the same
-log floors (``FLT_MIN`` for SoftmaxWithLoss, 1e-20 for the infogain losses), normalization
-modes and ``ignore_label``. A loss top is a 0-d tensor, not scaled by ``loss_weight`` (Caffe
-records the unscaled value in the top too).
+log floors (``FLT_MIN`` for SoftmaxWithLoss, 1e-20 for the infogain losses and
+MultinomialLogisticLoss), normalization modes and ``ignore_label``. A loss top is a 0-d
+tensor, not scaled by ``loss_weight`` (Caffe records the unscaled value in the top too).
 
 Graph inputs:
-    * Labels (and an infogain ``H`` given as a third bottom) are the graph inputs of their
-      Caffe blobs, by the blob's name, float as Caffe stores them; they are truncated to
-      integers inside the graph (Caffe's ``static_cast<int>``).
+    * Labels (ContrastiveLoss's similarity too, and an infogain ``H`` given as a third
+      bottom) are the graph inputs of their Caffe blobs, by the blob's name, float as Caffe
+      stores them; they are truncated to integers inside the graph (Caffe's
+      ``static_cast<int>``).
     * Each MarginInnerProduct layer ``L`` with a margin (or a lambda top) adds the graph
       input ``L/lambda``, shape ``[1]``. It is also an initializer, so it has a default and
       feeding it is optional: the lambda the layer would use on its *next* forward,
@@ -33,6 +35,7 @@ import torch
 from onnx import TensorProto
 
 from ...losses.infogain import FLT_MIN, INFOGAIN_LOG_FLOOR
+from ...losses.simple import LOG_THRESHOLD
 from ...registry import register_emitter
 
 Shape = Tuple[int, ...]
@@ -333,6 +336,77 @@ def emit_sigmoid_cross_entropy_loss(ctx, node) -> None:
     ctx.op("Div", [total, divisor], top)
 
 
+def _samples(ctx, node) -> str:
+    """Caffe's ``num()`` (bottom 0's axis 0) as a float32 0-d divisor, unfloored."""
+    x = ctx.bottoms(node)[0]
+    num = node.bottom_shapes[0][0]
+    return _count(ctx, x, num, num != _probe_bottom(ctx, node)[0], rows_only=True,
+                  floor=False)
+
+
+def _per_sample(ctx, node) -> Tuple[str, str, int]:
+    """Bottom 0 as ``N x D`` (each sample's elements are its classes), the int64 labels as
+    an ``N x 1`` column, and ``D``."""
+    x, label = ctx.bottoms(node)[:2]
+    classes = math.prod(tuple(node.bottom_shapes[0])[1:])
+    rows = ctx.op("Flatten", [x], axis=1)
+    labels = ctx.op("Reshape", [_int_labels(ctx, label), ctx.ints([-1, 1], "column")])
+    return rows, labels, classes
+
+
+@register_emitter("MultinomialLogisticLoss")
+def emit_multinomial_logistic_loss(ctx, node) -> None:
+    """``-sum_n log max(p[n, label_n], 1e-20) / N`` on probabilities flattened to ``N x D``
+    (Caffe's ``kLOG_THRESHOLD`` floor)."""
+    (top,) = ctx.tops(node)
+    rows, labels, _ = _per_sample(ctx, node)
+    picked = ctx.op("GatherElements", [rows, labels], axis=1)
+    floored = ctx.op("Max", [picked, _scalar(ctx, LOG_THRESHOLD, "floor")])
+    _loss(ctx, _sum_all(ctx, ctx.op("Log", [floored])), _samples(ctx, node), top)
+
+
+@register_emitter("HingeLoss")
+def emit_hinge_loss(ctx, node) -> None:
+    """``sum_{n,k} max(0, 1 + s_nk x_nk)^p / N`` on scores flattened to ``N x D``, with
+    ``s = -1`` for the label's class and +1 elsewhere (Caffe negates the label's score), and
+    ``p`` 1 (L1) or 2 (L2, not halved)."""
+    (top,) = ctx.tops(node)
+    rows, labels, classes = _per_sample(ctx, node)
+    class_index = ctx.const(np.arange(classes, dtype=np.int64).reshape(1, classes), "classes",
+                            np.int64)
+    is_label = ctx.op("Cast", [ctx.op("Equal", [labels, class_index])], to=TensorProto.FLOAT)
+    one = _scalar(ctx, 1.0, "one")
+    signs = ctx.op("Sub", [one, ctx.op("Add", [is_label, is_label])])   # (N, D)
+    margins = ctx.op("Relu", [ctx.op("Add", [one, ctx.op("Mul", [signs, rows])])])
+    if node.module.norm == "L2":
+        margins = ctx.op("Mul", [margins, margins])
+    ctx.op("Div", [_sum_all(ctx, margins), _samples(ctx, node)], top)
+
+
+@register_emitter("ContrastiveLoss")
+def emit_contrastive_loss(ctx, node) -> None:
+    """``sum_n (y_n ? d_n^2 : max(m - d_n, 0)^2) / N / 2`` with ``d_n = |a_n - b_n|``, or
+    ``max(m - d_n^2, 0)`` for dissimilar pairs with ``legacy_version``; a pair is similar
+    when its truncated label is nonzero (Caffe's ``static_cast<int>``)."""
+    module = node.module
+    (a, b, similar), (top,) = ctx.bottoms(node), ctx.tops(node)
+    difference = ctx.op("Sub", [ctx.op("Flatten", [a], axis=1), ctx.op("Flatten", [b], axis=1)])
+    distance_sq = ctx.reduce("ReduceSum", ctx.op("Mul", [difference, difference]), [1],
+                             keepdims=False)                                          # (N,)
+    labels = ctx.op("Reshape", [_int_labels(ctx, similar), ctx.ints([-1], "flat")])
+    is_similar = ctx.op("Not", [ctx.op("Equal", [labels, ctx.const(np.int64(0), "dissimilar",
+                                                                    np.int64)])])
+    margin = _scalar(ctx, module.margin, "margin")
+    if module.legacy_version:
+        dissimilar = ctx.op("Relu", [ctx.op("Sub", [margin, distance_sq])])
+    else:
+        shortfall = ctx.op("Relu", [ctx.op("Sub", [margin, ctx.op("Sqrt", [distance_sq])])])
+        dissimilar = ctx.op("Mul", [shortfall, shortfall])
+    losses = ctx.op("Where", [is_similar, distance_sq, dissimilar])
+    per_sample = ctx.op("Div", [_sum_all(ctx, losses), _samples(ctx, node)])
+    ctx.op("Div", [per_sample, _scalar(ctx, 2.0, "two")], top)
+
+
 @register_emitter("Accuracy")
 def emit_accuracy(ctx, node) -> None:
     """The fraction of kept positions whose label ranks among the ``top_k`` scores; a class
@@ -380,7 +454,7 @@ def emit_accuracy(ctx, node) -> None:
     ctx.op("Where", [absent, _scalar(ctx, 0.0, "zero"), ratio], tops[1])
 
 
-__all__ = ["emit_accuracy", "emit_euclidean_loss", "emit_infogain_loss",
-           "emit_infogain_loss_legacy", "emit_margin_inner_product",
-           "emit_sigmoid_cross_entropy_loss", "emit_softmax_with_loss", "lambda_feed",
-           "lambda_input_name"]
+__all__ = ["emit_accuracy", "emit_contrastive_loss", "emit_euclidean_loss", "emit_hinge_loss",
+           "emit_infogain_loss", "emit_infogain_loss_legacy", "emit_margin_inner_product",
+           "emit_multinomial_logistic_loss", "emit_sigmoid_cross_entropy_loss",
+           "emit_softmax_with_loss", "lambda_feed", "lambda_input_name"]

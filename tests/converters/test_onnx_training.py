@@ -1,7 +1,8 @@
 """ONNX conversion of TRAIN nets: MarginInnerProduct, the softmax and infogain losses and the
-other label-reading layers, against Caffe's recorded forwards (every ``mip_*``,
+other losses and label-reading layers, against Caffe's recorded forwards (every ``mip_*``,
 ``infogain_*``, ``softmax_loss_*`` case, and SphereFace-20's TRAIN net) and against
-caffelayers' Net for the settings the fixtures do not cover."""
+caffelayers' Net (Caffe's loss mode) for the settings and layers the fixtures do not
+cover."""
 
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from caffelayers.converters.onnx import UNSUPPORTED, convert_to_onnx, output_blo
 from caffelayers.converters.onnx.training import lambda_feed, lambda_input_name
 from caffelayers.errors import UnknownLayerError
 from caffelayers.layers.margin_inner_product import margin_inner_product
+from caffelayers.losses.simple import EuclideanLoss
 from caffelayers.proto import io
-from caffelayers.registry import EMITTERS
+from caffelayers.registry import EMITTERS, LAYERS
 from caffelayers.verify import compare, load_reference
 
 CASES_DIR = Path(__file__).resolve().parent.parent.parent / "fixtures" / "caffe"
@@ -26,7 +28,8 @@ TRAINING_CASES = sorted(p for p in CASES_DIR.iterdir()
                         or p.name == "sphereface20_mini_grad")
 HEAD = CASES_DIR / "mip_head_softmax_loss"
 TYPES = ("MarginInnerProduct", "SoftmaxWithLoss", "InfogainLoss", "InfogainLossLegacy",
-         "EuclideanLoss", "SigmoidCrossEntropyLoss", "Accuracy")
+         "EuclideanLoss", "SigmoidCrossEntropyLoss", "MultinomialLogisticLoss", "HingeLoss",
+         "ContrastiveLoss", "Accuracy")
 
 
 def session(model):
@@ -298,6 +301,74 @@ def test_accuracy_with_ties_and_per_class(accuracy_param):
     assert_matches_net(net, {"x": x, "label": labels((2, 3), 4)})
 
 
+def edge_labels(batch, classes, seed=2):
+    """Labels with the first and the last class (0 and C-1) both present."""
+    values = labels((batch,), classes, seed)
+    values[:2] = 0, classes - 1
+    return values
+
+
+@pytest.mark.parametrize("shape, label_shape", [((3, 5), (3,)), ((3, 5, 2, 1), (3, 1, 1, 1))])
+def test_multinomial_logistic_loss(shape, label_shape):
+    """``-sum log max(p_label, 1e-20) / N``, each sample's C H W elements its classes; one
+    label's probability lies under the floor."""
+    net = loss_net('layer { name: "loss" type: "MultinomialLogisticLoss" bottom: "p" '
+                   'bottom: "label" top: "loss" }', {"p": shape, "label": label_shape})
+    classes = int(np.prod(shape[1:]))
+    label = edge_labels(3, classes)
+    p = np.random.default_rng(8).uniform(0.01, 1, (3, classes)).astype(np.float32)
+    p[2, int(label[2])] = 1e-30
+    got = assert_matches_net(net, {"p": p.reshape(shape), "label": label.reshape(label_shape)})
+    assert got["loss"] > 46.05 / 3  # the floored sample adds -log(1e-20)
+
+
+@pytest.mark.parametrize("norm", ["L1", "L2"])
+@pytest.mark.parametrize("shape, label_shape", [((3, 5), (3,)), ((3, 5, 2, 2), (3, 1))])
+def test_hinge_loss(norm, shape, label_shape):
+    net = loss_net('layer { name: "loss" type: "HingeLoss" bottom: "x" bottom: "label" '
+                   f'top: "loss" hinge_loss_param {{ norm: {norm} }} }}',
+                   {"x": shape, "label": label_shape})
+    label = edge_labels(3, int(np.prod(shape[1:])))
+    assert_matches_net(net, {"x": scores(shape, scale=1.5),
+                             "label": label.reshape(label_shape)})
+
+
+def contrastive_inputs(shape, sim_shape):
+    """Pairs at distances 0.8 (similar), 0.5 and 3 (dissimilar: inside and outside a
+    margin of 1, or of 1 on the squared distance); similarity 0.7 truncates to dissimilar."""
+    a = scores((3, 5), seed=9)
+    direction = scores((3, 5), seed=10)
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    b = a + np.array([[0.8], [0.5], [3.0]], np.float32) * direction
+    similar = np.array([1.0, 0.0, 0.7], np.float32)
+    return {"a": a.reshape(shape), "b": b.astype(np.float32).reshape(shape),
+            "y": similar.reshape(sim_shape)}
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("margin", ["", "margin: 2.5"])
+@pytest.mark.parametrize("shape, sim_shape", [((3, 5), (3,)), ((3, 5, 1, 1), (3, 1, 1, 1))])
+def test_contrastive_loss(legacy, margin, shape, sim_shape):
+    layer = ('layer { name: "loss" type: "ContrastiveLoss" bottom: "a" bottom: "b" bottom: "y" '
+             f'top: "loss" contrastive_loss_param {{ {margin} '
+             f'legacy_version: {str(legacy).lower()} }} }}')
+    net = loss_net(layer, {"a": shape, "b": shape, "y": sim_shape})
+    got = assert_matches_net(net, contrastive_inputs(shape, sim_shape))
+    assert got["loss"] > 0.8 ** 2 / 6  # the similar pair's share alone
+
+
+def test_simple_losses_at_opset_13():
+    """ReduceSum reads its axes from an input from opset 13: the oldest opset emitted."""
+    layer = ('layer { name: "loss" type: "ContrastiveLoss" bottom: "a" bottom: "b" bottom: "y" '
+             'top: "loss" }')
+    net = loss_net(layer, {"a": (3, 5), "b": (3, 5), "y": (3,)})
+    assert_matches_net(net, contrastive_inputs((3, 5), (3,)), convert_to_onnx(net, opset=13))
+    net = loss_net('layer { name: "loss" type: "HingeLoss" bottom: "x" bottom: "label" '
+                   'top: "loss" }', {"x": (3, 5), "label": (3,)})
+    assert_matches_net(net, {"x": scores((3, 5)), "label": edge_labels(3, 5)},
+                       convert_to_onnx(net, opset=13))
+
+
 def test_accuracy_with_every_label_ignored_is_nan():
     net = loss_net('layer { name: "acc" type: "Accuracy" bottom: "x" bottom: "label" '
                    'top: "acc" accuracy_param { ignore_label: 2 } }', {"x": (3, 4), "label": (3,)})
@@ -316,14 +387,22 @@ DYNAMIC = [
      'top: "loss" }', {"x": (None, 4), "t": (None,), "H": (4, 4)}),
     ('layer { name: "acc" type: "Accuracy" bottom: "x" bottom: "t" top: "acc" '
      'top: "per_class" }', {"x": (None, 4, 2), "t": (None, 2)}),
+    ('layer { name: "loss" type: "MultinomialLogisticLoss" bottom: "x" bottom: "t" '
+     'top: "loss" }', {"x": (None, 4), "t": (None,)}),
+    ('layer { name: "loss" type: "HingeLoss" bottom: "x" bottom: "t" top: "loss" '
+     'hinge_loss_param { norm: L2 } }', {"x": (None, 4), "t": (None,)}),
+    ('layer { name: "loss" type: "ContrastiveLoss" bottom: "x" bottom: "b" bottom: "t" '
+     'top: "loss" }', {"x": (None, 4), "b": (None, 4), "t": (None,)}),
 ]
 
 
 @pytest.mark.parametrize("layer, shapes", DYNAMIC, ids=["sigmoid_cross_entropy", "euclidean",
                                                   "softmax_batch_size", "infogain_legacy",
-                                                  "accuracy"])
+                                                  "accuracy", "multinomial_logistic", "hinge",
+                                                  "contrastive"])
 def test_loss_divisors_follow_the_batch(layer, shapes):
-    """Converted at batch 3, run at batch 5: FULL and BATCH_SIZE counts come from the graph."""
+    """Converted at batch 3, run at batch 5: FULL, BATCH_SIZE and N counts come from the
+    graph."""
     def at(batch):
         return {name: tuple(batch if d is None else d for d in shape)
                 for name, shape in shapes.items()}
@@ -340,10 +419,12 @@ def test_training_types_have_emitters():
     assert set(TYPES) <= set(EMITTERS) and not set(TYPES) & set(UNSUPPORTED)
 
 
-def test_other_losses_are_still_reported():
-    net = loss_net('layer { name: "loss" type: "HingeLoss" bottom: "x" bottom: "label" '
-                   'top: "loss" }', {"x": (3, 4), "label": (3,)})
-    with pytest.raises(UnknownLayerError, match="HingeLoss"):
+def test_a_loss_without_an_emitter_is_still_reported(monkeypatch):
+    """A loss type registered without an emitter (a user's own) is named in the report."""
+    monkeypatch.setitem(LAYERS, "MysteryLoss", EuclideanLoss)
+    net = loss_net('layer { name: "loss" type: "MysteryLoss" bottom: "x" bottom: "label" '
+                   'top: "loss" }', {"x": (3, 4), "label": (3, 4)})
+    with pytest.raises(UnknownLayerError, match="'loss' \\(MysteryLoss\\)"):
         convert_to_onnx(net)
 
 
