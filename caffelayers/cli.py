@@ -51,7 +51,7 @@ def cmd_inspect(args) -> int:
                                      source_file=Path(args.net), fill=False),
                         device="meta", strict=False)
     if args.weights:
-        check_weights_fit(graph.nodes, read_weights(args.weights), args.weights)
+        check_weights_fit(graph.nodes, read_weights(args.weights, lazy=True), args.weights)
     rows = _inspect_rows(graph)
     known_params = [row["params"] for row in rows if row["params"] is not None]
     total = sum(known_params)

@@ -86,3 +86,14 @@ def fill(tensor: torch.Tensor, filler=None, generator: Optional[torch.Generator]
     raise UnsupportedParameterError(
         f"layer {layer!r}: unknown filler type {kind!r}; Caffe's fillers are "
         f"{', '.join(FILLER_TYPES)}")
+
+
+def fill_weight_and_bias(layer, param_block, ctx, layer_name: str) -> None:
+    """Apply ``weight_filler`` and ``bias_filler`` of a Convolution-, InnerProduct- or
+    Embed-style parameter message to ``layer.weight`` and ``layer.bias`` (if any), unless
+    the build context says the weights will be loaded instead."""
+    if not ctx.fill:
+        return
+    fill(layer.weight, param_block.weight_filler, ctx.generator, layer_name)
+    if layer.bias is not None:
+        fill(layer.bias, param_block.bias_filler, ctx.generator, layer_name)

@@ -140,24 +140,36 @@ class Net(nn.Module):
             self.param_specs[node.name] = [
                 (specs[i].lr_mult, specs[i].decay_mult) if i < len(specs) else (1.0, 1.0)
                 for i in range(len(blobs))]
-            if node.name in trained:
-                stored = trained[node.name]
-                if type(node.module).load_caffe_blobs is CaffeLayer.load_caffe_blobs and all(
-                        target.device.type == "cpu" and target.dtype == torch.float32
-                        and target.is_contiguous() and blob.dtype == np.float32
-                        for blob, target in zip(stored, blobs)):
-                    # Straight from the file into the parameters: no copy of the weights
-                    # is held beside them (check_weights_fit has matched the sizes).
-                    for blob, target in zip(stored, blobs):
-                        blob.read(out=target.detach().numpy())
-                else:
-                    node.module.load_caffe_blobs([blob.read() for blob in stored],
-                                                 source=self.weights_path)
+        self._load_trained(trained, self.weights_path)
         self._share_named_params()
         self.to(device=device, dtype=dtype)
         self.blobs: Dict[str, torch.Tensor] = {}
         self.diffs: Dict[str, torch.Tensor] = {}
         self._first_versions: Dict[str, torch.Tensor] = {}
+
+    def copy_trained_layers(self, path: str | Path) -> None:
+        """Caffe's ``CopyTrainedLayersFrom``: load the blobs of the layers that the caffemodel
+        and the net share by name, after checking that all of them fit."""
+        trained = read_weights(path, lazy=True)
+        check_weights_fit(self.graph.nodes, trained, str(path))
+        self._load_trained(trained, str(path))
+
+    def _load_trained(self, trained: Mapping[str, list], source) -> None:
+        """Read stored blobs (fitted by :func:`check_weights_fit`) into the layers."""
+        for node in self.graph.nodes:
+            stored, blobs = trained.get(node.name), node.module.caffe_blobs()
+            if not stored or not blobs:
+                continue
+            if type(node.module).load_caffe_blobs is CaffeLayer.load_caffe_blobs and all(
+                    target.device.type == "cpu" and target.dtype == torch.float32
+                    and target.is_contiguous() and blob.dtype == np.float32
+                    for blob, target in zip(stored, blobs)):
+                # Straight from the file into the parameters: no copy of the weights is
+                # held beside them.
+                for blob, target in zip(stored, blobs):
+                    blob.read(out=target.detach().numpy())
+            else:
+                node.module.load_caffe_blobs([blob.read() for blob in stored], source=source)
 
     def _share_named_params(self) -> None:
         """Tie blobs whose ``param { name }`` repeats, as Caffe's shared weights (siamese nets):

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .errors import CaffeFormatError, CaffeLayersError, UnsupportedParameterError
-from .net import Net, check_weights_fit, read_weights
+from .net import Net
 
 __all__ = ["LR_POLICIES", "SOLVER_TYPES", "Solver", "caffe_learning_rate",
            "verify_solver_case"]
@@ -346,7 +346,7 @@ class Solver:
                                       **self._net_options))
         for path in weight_files:
             for net in [self.net] + self.test_nets:
-                _copy_weights(net, path)
+                net.copy_trained_layers(path)
 
         self.learnables = self._learnable_blobs()
         self.history: List[torch.Tensor] = [
@@ -658,7 +658,7 @@ class Solver:
         counters_path = Path(_counters_path(str(state_file)))
         counters = _read_counters(counters_path, state.iter)
         if state.HasField("learned_net") and state.learned_net:
-            _copy_weights(self.net, self._learned_net(state.learned_net, state_file))
+            self.net.copy_trained_layers(self._learned_net(state.learned_net, state_file))
         with torch.no_grad():
             for array, history in zip(arrays, self.history):
                 history.copy_(torch.from_numpy(np.ascontiguousarray(array))
@@ -800,15 +800,6 @@ def _merged_state(phase: str, net_state, solver_state) -> Tuple[str, int, List[s
     if solver_state is not None:
         merged.MergeFrom(solver_state)
     return caffe_pb2.Phase.Name(merged.phase), merged.level, list(merged.stage)
-
-
-def _copy_weights(net: Net, path) -> None:
-    """Caffe's ``CopyTrainedLayersFrom``: blobs of the layers the file and the net share."""
-    trained = read_weights(path)
-    check_weights_fit(net.graph.nodes, trained, str(path))
-    for node in net.graph.nodes:
-        if node.name in trained and node.module.caffe_blobs():
-            node.module.load_caffe_blobs(trained[node.name], source=str(path))
 
 
 def _share_trained_layers(source: Net, target: Net) -> None:

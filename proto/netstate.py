@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 from ..errors import CaffeFormatError, CaffeLayersError
 from . import caffe_pb2 as pb
-from .upgrade import upgrade_net
+from .upgrade import copy_fields_except, upgrade_net
 
 __all__ = ["check_unique_tops", "filter_net", "layer_included", "make_state",
            "state_meets_rule"]
@@ -96,15 +96,7 @@ def filter_net(net: pb.NetParameter, phase: PhaseLike = None, level: Optional[in
     net = upgrade_net(net, path)
     state = make_state(net, phase, level, stages)
     filtered = pb.NetParameter()
-    for field, value in net.ListFields():
-        if field.name == "layer":
-            continue
-        if field.is_repeated:
-            getattr(filtered, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(filtered, field.name).CopyFrom(value)
-        else:
-            setattr(filtered, field.name, value)
+    copy_fields_except(net, filtered, "layer")
     filtered.state.CopyFrom(state)
     for layer in net.layer:
         if layer_included(layer, state, path):

@@ -189,6 +189,20 @@ def net_needs_upgrade(net: pb.NetParameter) -> bool:
             or len(net.input_dim) > 0 or any(_is_old_batch_norm(layer) for layer in net.layer))
 
 
+def copy_fields_except(source, target, skipped: str) -> None:
+    """Copy every set field of ``source`` into ``target`` but ``skipped`` (the layer list
+    that the caller rebuilds)."""
+    for field, value in source.ListFields():
+        if field.name == skipped:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
 def upgrade_net(net: pb.NetParameter, path=None, *, in_place: bool = False) -> pb.NetParameter:
     """Return ``net`` in today's format.
 
@@ -282,15 +296,7 @@ def _upgrade_v1_net(net: pb.NetParameter, path) -> pb.NetParameter:
             v1_layers.append(pb.V1LayerParameter())
             _upgrade_v0_layer(old, v1_layers[-1], path)
     else:
-        for field, value in net.ListFields():
-            if field.name == "layers":
-                continue
-            if field.is_repeated:
-                getattr(upgraded, field.name).extend(value)
-            elif field.message_type is not None:
-                getattr(upgraded, field.name).CopyFrom(value)
-            else:
-                setattr(upgraded, field.name, value)
+        copy_fields_except(net, upgraded, "layers")
         v1_layers = net.layers
     for old in v1_layers:
         _upgrade_v1_layer(old, upgraded.layer.add(), path)

@@ -136,10 +136,7 @@ class _ConvolutionBase(CaffeLayer):
                              f"{channels} input channels are not a multiple of group {p.group}")
         layer = cls(channels, p.num_output, tuple(kernel), tuple(stride), tuple(pad),
                     tuple(dilation), p.group, p.bias_term)
-        if ctx.fill:
-            fillers.fill(layer.weight, p.weight_filler, ctx.generator, param.name)
-            if layer.bias is not None:
-                fillers.fill(layer.bias, p.bias_filler, ctx.generator, param.name)
+        fillers.fill_weight_and_bias(layer, p, ctx, param.name)
         return layer
 
     def output_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:

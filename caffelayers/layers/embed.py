@@ -63,12 +63,7 @@ class Embed(CaffeLayer):
                     f"layer {param.name!r} (Embed): embed_param.{field} is "
                     f"{getattr(p, field)}, it must be positive")
         layer = cls(p.input_dim, p.num_output, p.bias_term)
-        if ctx.fill:
-            weight_filler = p.weight_filler if p.HasField("weight_filler") else None
-            fillers.fill(layer.weight, weight_filler, ctx.generator, param.name)
-            if layer.bias is not None:
-                bias_filler = p.bias_filler if p.HasField("bias_filler") else None
-                fillers.fill(layer.bias, bias_filler, ctx.generator, param.name)
+        fillers.fill_weight_and_bias(layer, p, ctx, param.name)
         return layer
 
     def output_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:

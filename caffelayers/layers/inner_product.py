@@ -74,10 +74,7 @@ class InnerProduct(CaffeLayer):
         axis = p.axis % num_axes
         layer = cls(count(bottom_shapes[0], axis), p.num_output, p.bias_term, p.axis,
                     p.transpose)
-        if ctx.fill:
-            fillers.fill(layer.weight, p.weight_filler, ctx.generator, param.name)
-            if layer.bias is not None:
-                fillers.fill(layer.bias, p.bias_filler, ctx.generator, param.name)
+        fillers.fill_weight_and_bias(layer, p, ctx, param.name)
         return layer
 
     def output_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:

@@ -366,6 +366,17 @@ def _check_top_count(param, most: int) -> None:
                                f"tops, at most {most} are allowed")
 
 
+def _stored_infogain(param, bottom_shapes, ctx):
+    """H from ``infogain_loss_param.source`` when no third bottom gives it, else None."""
+    if len(bottom_shapes) >= 3:
+        return None
+    source = param.infogain_loss_param.source
+    if not source:
+        raise CaffeFormatError(f"layer {param.name!r} ({param.type}): the infogain matrix "
+                               f"needs a third bottom or infogain_loss_param.source")
+    return _resolve_source(source, ctx, param)
+
+
 def _resolve_source(source: str, ctx: BuildContext, param) -> Path:
     """Caffe opens ``source`` from the working directory; failing that, the prototxt's."""
     path = Path(source)
@@ -531,15 +542,7 @@ class SoftmaxWithInfogainLoss(_SoftmaxLossLayer):
             raise UnsupportedParameterError(
                 f"layer {param.name!r} (InfogainLoss): loss_param.normalize is deprecated "
                 f"and Caffe refuses it here; use loss_param.normalization")
-        H = None
-        if len(bottom_shapes) < 3:
-            source = param.infogain_loss_param.source
-            if not source:
-                raise CaffeFormatError(f"layer {param.name!r} (InfogainLoss): the infogain "
-                                       f"matrix needs a third bottom or "
-                                       f"infogain_loss_param.source")
-            H = _resolve_source(source, ctx, param)
-        return cls(H=H, axis=param.infogain_loss_param.axis,
+        return cls(H=_stored_infogain(param, bottom_shapes, ctx), axis=param.infogain_loss_param.axis,
                    normalization=normalization_from_caffe(loss_param).lower(),
                    ignore_label=ignore, mode=ctx.options.get("loss_mode", "caffe"),
                    return_prob=len(param.top) == 2)
@@ -604,15 +607,7 @@ class InfogainLossLegacy(CaffeLayer):
     @classmethod
     def from_caffe(cls, param, bottom_shapes, ctx: BuildContext) -> "InfogainLossLegacy":
         _check_top_count(param, 1)
-        H = None
-        if len(bottom_shapes) < 3:
-            source = param.infogain_loss_param.source
-            if not source:
-                raise CaffeFormatError(f"layer {param.name!r} ({param.type}): the infogain "
-                                       f"matrix needs a third bottom or "
-                                       f"infogain_loss_param.source")
-            H = _resolve_source(source, ctx, param)
-        return cls(H=H, mode=ctx.options.get("loss_mode", "caffe"))
+        return cls(H=_stored_infogain(param, bottom_shapes, ctx), mode=ctx.options.get("loss_mode", "caffe"))
 
     def output_shapes(self, bottom_shapes):
         if len(bottom_shapes) not in (2, 3) or (len(bottom_shapes) == 2 and self.infogain is None):
