@@ -16,9 +16,13 @@ $(VENV)/.deps: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q ".[test,data]"
 	touch $@
 
-# Reinstall the package itself every time (not editable): tests run against what a user installs.
-install: $(VENV)/.deps
-	$(BIN)/python -m pip install -q --no-deps --force-reinstall --no-build-isolation .
+# The checkout is installed editable: the tree imports as the package (tests/test_layout.py
+# also builds a wheel and imports it from elsewhere).
+$(VENV)/.installed: $(VENV)/.deps pyproject.toml
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.installed
 
 DEMO := fixtures/caffe/sphereface4_deploy
 demo: install

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from .errors import CaffeLayersError
+from .net import Net
+from .solver import Solver
 
 RTOL = 1e-4
 ATOL = 1e-6
@@ -126,13 +128,9 @@ def verify_case(case_dir: str | Path, rtol: float = RTOL, atol: float = ATOL,
     clears the parameter gradients and runs backward from the loss layers and the recorded
     top diffs. ``net_options`` go to ``Net`` (``margin_backward``, ``loss_mode``, ...).
     """
-    from .net import Net
-
     case_dir = Path(case_dir)
     meta, arrays = load_reference(case_dir)
     if meta.get("solver"):
-        from .solver import verify_solver_case
-
         return verify_solver_case(case_dir, rtol, atol, **net_options)
     weights = case_dir / "weights.caffemodel"
     net = Net(case_dir / "net.prototxt", weights if weights.is_file() else None,
@@ -192,4 +190,46 @@ def compare_forward(meta: Dict, arrays: Dict[str, np.ndarray], run, rtol: float 
     if not result.checks:
         raise CaffeLayersError("the reference records none of the converted model's outputs "
                                f"({', '.join(outputs) or 'none'})")
+    return result
+
+
+def verify_solver_case(case_dir: str | Path, rtol: float = RTOL, atol: float = ATOL,
+                       **options) -> VerifyResult:
+    """Replay a solver case (``meta.solver``): one :meth:`Solver.step` per recorded iteration
+    on the recorded inputs, comparing every recorded array of that iteration: ``data`` and
+    ``diff`` (the step's forward and backward), ``param`` and ``param_diff`` (before the
+    update), ``param_after`` and ``update`` (the value subtracted).
+
+    ``options`` go to :class:`Solver` (``margin_backward``, ``loss_mode``, ...). The case's
+    snapshots are switched off so that nothing is written into it.
+    """
+    case_dir = Path(case_dir)
+    meta, arrays = load_reference(case_dir)
+    inputs = {name: arrays[f"input/{name}"] for name in meta["inputs"]}
+    weights = case_dir / "weights.caffemodel"
+    solver = Solver(case_dir / "solver.prototxt", weights if weights.is_file() else None,
+                    inputs=inputs, test_inputs=inputs, root=case_dir, **options)
+    solver.param.snapshot = 0
+    result = VerifyResult(meta.get("case", case_dir.name))
+    before: Dict[str, Dict[str, List[torch.Tensor]]] = {}
+
+    def capture(solver: Solver) -> None:
+        before["param"] = {k: [b.detach().clone() for b in v]
+                           for k, v in solver.net.caffe_params().items()}
+        before["param_diff"] = {k: [b.detach().clone() for b in v]
+                                for k, v in solver.net.param_diffs().items()}
+
+    solver.on_gradients_ready.append(capture)
+    for index in range(int(meta.get("iterations", 1))):
+        solver.step(1)
+        for kind, ours in (("data", solver.net.blobs), ("diff", solver.net.diffs)):
+            for blob, expected in sorted(_iteration(arrays, index, kind).items()):
+                result.checks.append(compare(f"iter{index}/{kind}/{blob}", ours.get(blob),
+                                             expected, rtol, atol))
+        after = {"param_after": solver.net.caffe_params(), "update": solver.net.param_diffs()}
+        for kind, ours in [*before.items(), *after.items()]:
+            _compare_params(result, ours, _iteration(arrays, index, kind),
+                            f"iter{index}/{kind}", rtol, atol)
+    if not result.checks:
+        raise CaffeLayersError(f"{case_dir}: reference.npz records no arrays to compare")
     return result

@@ -18,8 +18,8 @@ import torch
 import caffelayers
 from caffelayers import CaffeFormatError, CaffeLayersError, UnsupportedParameterError
 from caffelayers.proto import caffe_pb2, io
-from caffelayers.solver import (LR_POLICIES, SOLVER_TYPES, Solver, caffe_learning_rate,
-                                verify_solver_case)
+from caffelayers.solver import LR_POLICIES, SOLVER_TYPES, Solver, caffe_learning_rate
+from caffelayers.verify import verify_solver_case
 
 N, K, M = 3, 5, 4   # batch, inputs, outputs: distinct sizes
 TINY_NET = f'''name: "tiny"

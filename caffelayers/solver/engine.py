@@ -22,164 +22,28 @@ history too, and Adam adds ``delta`` to ``sqrt(v)`` before its bias correction (
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import CaffeFormatError, CaffeLayersError, UnsupportedParameterError
-from .net import Net
+from ..errors import CaffeFormatError, CaffeLayersError, UnsupportedParameterError
+from ..net import Net
+from .checks import check_solver
+from .counters import counters_path, load_layer_counters, read_counters, write_counters
+from .learning_rate import caffe_learning_rate
+from .updates import Hyper
 
-__all__ = ["LR_POLICIES", "SOLVER_TYPES", "Solver", "caffe_learning_rate",
-           "verify_solver_case"]
+__all__ = ["Solver"]
 
 logger = logging.getLogger(__name__)
-
-#: Caffe's learning-rate policies (BVLC's ``SGDSolver::GetLearningRate``).
-LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
-
-
-# --- learning rate --------------------------------------------------------------------------
-
-def caffe_learning_rate(param, iteration: int, current_step: int) -> Tuple[float, int]:
-    """The learning rate at ``iteration`` and the new ``current_step`` (Caffe's
-    ``GetLearningRate``, which updates the step counter as it goes).
-
-    - fixed: ``base_lr``
-    - step: ``base_lr * gamma ^ floor(iter / stepsize)`` (the step count is stored)
-    - exp: ``base_lr * gamma ^ iter``
-    - inv: ``base_lr * (1 + gamma * iter) ^ (-power)``
-    - multistep: ``base_lr * gamma ^ current_step``, where ``current_step`` advances by at most
-      one per call, when ``iter`` has reached ``stepvalue[current_step]``
-    - poly: ``base_lr * (1 - iter / max_iter) ^ power``
-    - sigmoid: ``base_lr / (1 + exp(-gamma * (iter - stepsize)))``
-
-    Args:
-        param: a ``SolverParameter``.
-        iteration: the number of updates done so far (Caffe's ``iter_``).
-        current_step: the step counter before the call (multistep and step keep it).
-    """
-    policy, base_lr, gamma = param.lr_policy, param.base_lr, param.gamma
-    if policy == "fixed":
-        return base_lr, current_step
-    if policy == "step":
-        current_step = iteration // param.stepsize
-        return base_lr * gamma ** current_step, current_step
-    if policy == "exp":
-        return base_lr * gamma ** iteration, current_step
-    if policy == "inv":
-        return base_lr * (1.0 + gamma * iteration) ** (-param.power), current_step
-    if policy == "multistep":
-        if current_step < len(param.stepvalue) and iteration >= param.stepvalue[current_step]:
-            current_step += 1
-            logger.info("MultiStep Status: Iteration %d, step = %d", iteration, current_step)
-        return base_lr * gamma ** current_step, current_step
-    if policy == "poly":
-        return base_lr * (1.0 - iteration / param.max_iter) ** param.power, current_step
-    if policy == "sigmoid":
-        exponent = -gamma * (iteration - param.stepsize)
-        # Caffe's exp overflows to inf and the rate to 0; Python's math.exp would raise.
-        return base_lr / (1.0 + (math.inf if exponent > 709 else math.exp(exponent))), \
-            current_step
-    raise ValueError(f"unknown lr_policy {policy!r}")  # _check_solver rejects it first
-
-
-# --- update rules ---------------------------------------------------------------------------
-
-class Hyper(NamedTuple):
-    """The solver-wide constants an update rule reads."""
-
-    momentum: float
-    momentum2: float
-    delta: float
-    rms_decay: float
-
-
-def _sgd(diff, history, local_rate, hyper, iteration):
-    (h,) = history
-    h.mul_(hyper.momentum).add_(diff, alpha=local_rate)
-    diff.copy_(h)
-
-
-def _nesterov(diff, history, local_rate, hyper, iteration):
-    (h,) = history
-    previous = h.clone()
-    h.mul_(hyper.momentum).add_(diff, alpha=local_rate)
-    torch.mul(h, 1.0 + hyper.momentum, out=diff)
-    diff.add_(previous, alpha=-hyper.momentum)
-
-
-def _adagrad(diff, history, local_rate, hyper, iteration):
-    (h,) = history
-    h.addcmul_(diff, diff)
-    diff.div_(h.sqrt().add_(hyper.delta)).mul_(local_rate)
-
-
-def _rmsprop(diff, history, local_rate, hyper, iteration):
-    (h,) = history
-    h.mul_(hyper.rms_decay).addcmul_(diff, diff, value=1.0 - hyper.rms_decay)
-    diff.div_(h.sqrt().add_(hyper.delta)).mul_(local_rate)
-
-
-def _adadelta(diff, history, local_rate, hyper, iteration):
-    squared_grads, squared_updates = history
-    decay = hyper.momentum
-    squared_grads.mul_(decay).addcmul_(diff, diff, value=1.0 - decay)
-    # The stored update history is of the step before the learning rate scales it.
-    diff.mul_(((squared_updates + hyper.delta) / (squared_grads + hyper.delta)).sqrt_())
-    squared_updates.mul_(decay).addcmul_(diff, diff, value=1.0 - decay)
-    diff.mul_(local_rate)
-
-
-def _adam(diff, history, local_rate, hyper, iteration):
-    first, second = history
-    beta1, beta2 = hyper.momentum, hyper.momentum2
-    t = iteration + 1
-    correction = math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-    first.mul_(beta1).add_(diff, alpha=1.0 - beta1)
-    second.mul_(beta2).addcmul_(diff, diff, value=1.0 - beta2)
-    torch.div(first, second.sqrt().add_(hyper.delta), out=diff)
-    diff.mul_(local_rate * correction)
-
-
-@dataclass(frozen=True)
-class UpdateRule:
-    """A solver type: its ``ComputeUpdateValue`` and how many history blobs it keeps per
-    learnable blob (Caffe stores them slot by slot: all first slots, then all second ones).
-
-    ``compute(diff, history, local_rate, hyper, iteration)`` turns the regularized gradient
-    ``diff`` into the update in place and advances ``history``.
-    """
-
-    formula: str
-    history_slots: int
-    compute: Callable[..., None]
-
-
-#: Caffe's solver types (the ``type`` strings, exactly) and their rules, with ``g`` the
-#: regularized gradient, ``r`` the local rate and ``t = iter + 1``.
-SOLVER_TYPES: Dict[str, UpdateRule] = {
-    "SGD": UpdateRule("h = momentum h + r g; update = h", 1, _sgd),
-    "Nesterov": UpdateRule("h' = momentum h + r g; update = (1 + momentum) h' - momentum h",
-                           1, _nesterov),
-    "AdaGrad": UpdateRule("h += g^2; update = r g / (sqrt(h) + delta)", 1, _adagrad),
-    "RMSProp": UpdateRule("h = rms_decay h + (1 - rms_decay) g^2; "
-                          "update = r g / (sqrt(h) + delta)", 1, _rmsprop),
-    "AdaDelta": UpdateRule("G = momentum G + (1 - momentum) g^2; "
-                           "s = g sqrt((U + delta) / (G + delta)); "
-                           "U = momentum U + (1 - momentum) s^2; update = r s", 2, _adadelta),
-    "Adam": UpdateRule("m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; update = r "
-                       "sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + delta), b1 = momentum, "
-                       "b2 = momentum2", 2, _adam),
-}
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -312,8 +176,8 @@ class Solver:
                  root: Optional[str | Path] = None, margin_backward: str = "caffe",
                  loss_mode: str = "caffe", dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", allow_unknown_fields: bool = False):
-        from .proto import caffe_pb2, io
-        from .proto.upgrade import upgrade_solver
+        from ..proto import caffe_pb2, io
+        from ..proto.upgrade import upgrade_solver
 
         if isinstance(solver, caffe_pb2.SolverParameter):
             self.path: Optional[str] = None
@@ -325,7 +189,7 @@ class Solver:
         self._net_options = {"margin_backward": margin_backward, "loss_mode": loss_mode,
                              "dtype": dtype, "device": device,
                              "allow_unknown_fields": allow_unknown_fields}
-        self.rule = _check_solver(self.param, self.path)
+        self.rule = check_solver(self.param, self.path)
         self.hyper = Hyper(self.param.momentum, self.param.momentum2, self.param.delta,
                            self.param.rms_decay)
         seed = self.param.random_seed if self.param.random_seed >= 0 else None
@@ -536,7 +400,7 @@ class Solver:
             return
         if self.param.regularization_type == "L2":
             diff.add_(blob.tensor, alpha=decay)
-        else:  # "L1"; _check_solver allows nothing else
+        else:  # "L1"; check_solver allows nothing else
             diff.add_(torch.sign(blob.tensor), alpha=decay)
 
     # -- testing ---------------------------------------------------------------------------
@@ -594,7 +458,7 @@ class Solver:
         ``PREFIX_iter_N.solverstate`` (Caffe's ``SolverState``: ``iter``, ``current_step``,
         ``learned_net`` and the history) and ``PREFIX_iter_N.caffelayers.json`` (layer
         counters Caffe does not save). Returns the paths of the first two."""
-        from .proto import caffe_pb2, io
+        from ..proto import caffe_pb2, io
 
         prefix = self._snapshot_prefix()
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
@@ -608,10 +472,7 @@ class Solver:
         state_path = f"{prefix}_iter_{self.iter}.solverstate"
         logger.info("Snapshotting solver state to binary proto file %s", state_path)
         Path(state_path).write_bytes(state.SerializeToString())
-        nets = {"train": _layer_counters(self.net)}
-        nets.update({f"test{i}": _layer_counters(net) for i, net in enumerate(self.test_nets)})
-        Path(_counters_path(state_path)).write_text(
-            json.dumps({"iter": self.iter, "nets": nets}, indent=1) + "\n", encoding="utf-8")
+        write_counters(state_path, self.iter, self._nets_by_key())
         return model, state_path
 
     def restore(self, state_file: str | Path) -> None:
@@ -621,7 +482,7 @@ class Solver:
         schedule then continues, where Caffe would restart it."""
         from google.protobuf.message import DecodeError
 
-        from .proto import caffe_pb2, io
+        from ..proto import caffe_pb2, io
 
         state_file = Path(state_file)
         if state_file.suffix == ".h5":
@@ -655,8 +516,8 @@ class Solver:
                     f"history blob {index} has {array.size} values; layer {owner.layer!r} "
                     f"blob {owner.index} has {history.numel()}", state_file)
             arrays.append(array)
-        counters_path = Path(_counters_path(str(state_file)))
-        counters = _read_counters(counters_path, state.iter)
+        sidecar = counters_path(state_file)
+        counters = read_counters(sidecar, state.iter)
         if state.HasField("learned_net") and state.learned_net:
             self.net.copy_trained_layers(self._learned_net(state.learned_net, state_file))
         with torch.no_grad():
@@ -670,15 +531,20 @@ class Solver:
             if mips:
                 logger.warning("%s not found: MarginInnerProduct layers (%s) restart their "
                                "lambda schedule from the prototxt's iteration, as in Caffe",
-                               counters_path, ", ".join(mips))
+                               sidecar, ", ".join(mips))
             return
-        for key, net in [("train", self.net)] + [(f"test{i}", n)
-                                                for i, n in enumerate(self.test_nets)]:
-            _load_layer_counters(net, counters.get(key, {}), counters_path)
+        for key, net in self._nets_by_key().items():
+            load_layer_counters(net, counters.get(key, {}), sidecar)
         for name in mips:
             logger.info("layer %r (MarginInnerProduct): iteration counter restored to %d "
                         "(Caffe would restart it from the prototxt's iteration)", name,
                         int(self.net.layer(name).iteration))
+
+    def _nets_by_key(self) -> Dict[str, Net]:
+        """The train net and the test nets under the keys of the counters file."""
+        nets = {"train": self.net}
+        nets.update({f"test{i}": net for i, net in enumerate(self.test_nets)})
+        return nets
 
     # -- files -----------------------------------------------------------------------------
     def _where(self) -> str:
@@ -699,7 +565,7 @@ class Solver:
                                f"{' and '.join(map(str, candidates))})", self.path)
 
     def _train_net_source(self):
-        from .proto import io
+        from ..proto import io
 
         for field in ("train_net_param", "net_param"):
             if self.param.HasField(field):
@@ -709,7 +575,7 @@ class Solver:
         return path, io.read_prototxt(path, self._net_options["allow_unknown_fields"])
 
     def _test_net_sources(self):
-        from .proto import io
+        from ..proto import io
 
         sources = [(net, net) for net in self.param.test_net_param]
         for name in self.param.test_net:
@@ -793,7 +659,7 @@ def _weight_list(weights) -> List[str]:
 def _merged_state(phase: str, net_state, solver_state) -> Tuple[str, int, List[str]]:
     """Caffe's NetState precedence: the solver's phase, then the net's own ``state``, then
     ``train_state``/``test_state`` (scalars set later win, stages add up)."""
-    from .proto import caffe_pb2
+    from ..proto import caffe_pb2
 
     merged = caffe_pb2.NetState(phase=getattr(caffe_pb2, phase))
     merged.MergeFrom(net_state)
@@ -819,180 +685,3 @@ def _share_trained_layers(source: Net, target: Net) -> None:
                         f"layer {layer!r} blob {index} has shape {tuple(blob.shape)} in the "
                         f"train net and {tuple(other.shape)} in a test net")
                 other.copy_(blob)
-
-
-def _counters_path(state_path: str) -> str:
-    return state_path.removesuffix(".solverstate") + ".caffelayers.json"
-
-
-def _counter_buffers(net: Net):
-    """``(layer, buffer name, tensor)`` for the layers' state that a caffemodel misses:
-    persistent scalar buffers that are not Caffe blobs (MarginInnerProduct's iteration).
-    Constants such as InfogainLoss's H come from the prototxt again and are left out."""
-    for node in net.graph.nodes:
-        module = node.module
-        blob_ids = {id(blob) for blob in module.caffe_blobs()}
-        for name, buffer in module.named_buffers(recurse=False):
-            if buffer.dim() == 0 and id(buffer) not in blob_ids and \
-                    name not in module._non_persistent_buffers_set:
-                yield node.name, name, buffer
-
-
-def _layer_counters(net: Net) -> Dict[str, Dict[str, object]]:
-    counters: Dict[str, Dict[str, object]] = {}
-    for layer, name, buffer in _counter_buffers(net):
-        counters.setdefault(layer, {})[name] = buffer.detach().cpu().tolist()
-    return counters
-
-
-def _read_counters(path: Path, iteration: int) -> Optional[Dict[str, Mapping]]:
-    """The per-net counters of a ``.caffelayers.json``, or None when there is none."""
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        nets = saved["nets"]
-    except (ValueError, KeyError, TypeError):
-        raise CaffeFormatError("not a caffelayers counters file", path) from None
-    if saved.get("iter") != iteration:
-        raise CaffeFormatError(f"written at iteration {saved.get('iter')}, the solver state "
-                               f"is at {iteration}", path)
-    return nets
-
-
-def _load_layer_counters(net: Net, saved: Mapping, path: Path) -> None:
-    with torch.no_grad():
-        for layer, name, buffer in _counter_buffers(net):
-            if layer in saved and name in saved[layer]:
-                value = torch.as_tensor(saved[layer][name], dtype=buffer.dtype)
-                if value.shape != buffer.shape:
-                    raise CaffeFormatError(f"layer {layer!r} {name} has shape "
-                                           f"{tuple(value.shape)}, the net's has "
-                                           f"{tuple(buffer.shape)}", path)
-                buffer.copy_(value)
-
-
-def _check_solver(param, path) -> UpdateRule:
-    """Reject what Caffe would reject (at construction or at its first use) with one clear
-    error naming the solver file; returns the update rule of ``param.type``."""
-    problems: List[str] = []
-    train_fields = [f for f in ("net", "net_param", "train_net", "train_net_param")
-                    if param.HasField(f)]
-    if len(train_fields) != 1:
-        problems.append("exactly one of net, net_param, train_net, train_net_param must name "
-                        f"the train net, found {', '.join(train_fields) or 'none'}")
-    if param.HasField("net") and param.HasField("net_param"):
-        problems.append("net and net_param may not both be given")
-    test_nets = len(param.test_net) + len(param.test_net_param)
-    generic = param.HasField("net") or param.HasField("net_param")
-    if (len(param.test_iter) < test_nets) if generic else (len(param.test_iter) != test_nets):
-        problems.append(f"test_iter must be given once per test net: {test_nets} test nets, "
-                        f"{len(param.test_iter)} test_iter")
-    instances = max(len(param.test_iter), test_nets)
-    if len(param.test_state) and len(param.test_state) != instances:
-        problems.append(f"test_state must be given once per test net or not at all: "
-                        f"{instances} test nets, {len(param.test_state)} test_state")
-    if instances and param.test_interval <= 0:
-        problems.append("test nets need test_interval > 0")
-    if any(n <= 0 for n in param.test_iter):
-        problems.append("test_iter must be positive")
-    for name in ("display", "test_interval", "snapshot"):
-        if getattr(param, name) < 0:
-            problems.append(f"{name} must be >= 0, got {getattr(param, name)}")
-    if param.average_loss < 1:
-        problems.append(f"average_loss must be >= 1, got {param.average_loss}")
-    if param.iter_size < 1:
-        problems.append(f"iter_size must be >= 1, got {param.iter_size}")
-    policy = param.lr_policy
-    if policy not in LR_POLICIES:
-        problems.append(f"lr_policy {policy!r} is not one of {', '.join(LR_POLICIES)}"
-                        if policy else f"lr_policy is missing (one of {', '.join(LR_POLICIES)})")
-    if policy in ("step", "sigmoid") and param.stepsize <= 0:
-        problems.append(f"lr_policy {policy!r} needs stepsize > 0, got {param.stepsize}")
-    if policy in ("step", "exp", "inv", "multistep", "sigmoid") and param.gamma < 0:
-        problems.append(f"lr_policy {policy!r} needs gamma >= 0, got {param.gamma:g}")
-    if policy == "poly" and param.max_iter <= 0:
-        problems.append(f"lr_policy 'poly' needs max_iter > 0, got {param.max_iter}")
-    if param.regularization_type not in ("L2", "L1"):
-        problems.append(f"regularization_type {param.regularization_type!r} is not L2 or L1")
-    rule = SOLVER_TYPES.get(param.type)
-    if rule is None:
-        problems.append(f"solver type {param.type!r} is not one of "
-                        f"{', '.join(SOLVER_TYPES)} (the names are case-sensitive)")
-    if param.type in ("AdaGrad", "RMSProp") and param.momentum != 0:
-        problems.append(f"momentum cannot be used with {param.type} (got {param.momentum:g})")
-    if param.type == "RMSProp" and not 0 <= param.rms_decay < 1:
-        problems.append(f"rms_decay must lie in [0, 1), got {param.rms_decay:g}")
-    if problems:
-        raise CaffeFormatError("; ".join(problems), path or "<SolverParameter>")
-    if param.snapshot_format == param.HDF5:
-        raise UnsupportedParameterError(f"{path or '<SolverParameter>'}: snapshot_format HDF5 "
-                                        "is not supported; use BINARYPROTO")
-    if param.snapshot_diff:
-        raise UnsupportedParameterError(f"{path or '<SolverParameter>'}: snapshot_diff is not "
-                                        "supported (snapshots hold the weights only)")
-    return rule
-
-
-# --- parity with a Caffe reference case -----------------------------------------------------
-
-def verify_solver_case(case_dir: str | Path, rtol: Optional[float] = None,
-                       atol: Optional[float] = None, **options):
-    """Replay a solver case (``meta.solver``): one :meth:`Solver.step` per recorded iteration
-    on the recorded inputs, comparing every recorded array of that iteration: ``data`` and
-    ``diff`` (the step's forward and backward), ``param`` and ``param_diff`` (before the
-    update), ``param_after`` and ``update`` (the value subtracted).
-
-    ``options`` go to :class:`Solver` (``margin_backward``, ``loss_mode``, ...). The case's
-    snapshots are switched off so that nothing is written into it.
-    Returns a :class:`caffelayers.verify.VerifyResult`.
-    """
-    from .verify import ATOL, RTOL, VerifyResult, compare, load_reference
-
-    rtol = RTOL if rtol is None else rtol
-    atol = ATOL if atol is None else atol
-    case_dir = Path(case_dir)
-    meta, arrays = load_reference(case_dir)
-    inputs = {name: arrays[f"input/{name}"] for name in meta["inputs"]}
-    weights = case_dir / "weights.caffemodel"
-    solver = Solver(case_dir / "solver.prototxt", weights if weights.is_file() else None,
-                    inputs=inputs, test_inputs=inputs, root=case_dir, **options)
-    solver.param.snapshot = 0
-    result = VerifyResult(meta.get("case", case_dir.name))
-
-    def recorded(index: int, kind: str) -> Dict[str, np.ndarray]:
-        prefix = f"iter{index}/{kind}/"
-        return {key[len(prefix):]: value for key, value in arrays.items()
-                if key.startswith(prefix)}
-
-    def compare_blobs(ours: Mapping[str, List[torch.Tensor]], expected: Mapping, prefix: str):
-        for key, value in sorted(expected.items()):
-            layer, _, index = key.rpartition("/")
-            blobs = ours.get(layer) or []
-            mine = blobs[int(index)] if int(index) < len(blobs) else None
-            result.checks.append(compare(f"{prefix}/{key}", mine, value, rtol, atol))
-
-    before: Dict[str, Dict[str, List[torch.Tensor]]] = {}
-
-    def capture(solver: Solver) -> None:
-        before["param"] = {k: [b.detach().clone() for b in v]
-                           for k, v in solver.net.caffe_params().items()}
-        before["param_diff"] = {k: [b.detach().clone() for b in v]
-                                for k, v in solver.net.param_diffs().items()}
-
-    solver.on_gradients_ready.append(capture)
-    for index in range(int(meta.get("iterations", 1))):
-        solver.step(1)
-        for kind, ours in (("data", solver.net.blobs), ("diff", solver.net.diffs)):
-            for blob, expected in sorted(recorded(index, kind).items()):
-                result.checks.append(compare(f"iter{index}/{kind}/{blob}", ours.get(blob),
-                                             expected, rtol, atol))
-        for kind in ("param", "param_diff"):
-            compare_blobs(before[kind], recorded(index, kind), f"iter{index}/{kind}")
-        compare_blobs(solver.net.caffe_params(), recorded(index, "param_after"),
-                      f"iter{index}/param_after")
-        compare_blobs(solver.net.param_diffs(), recorded(index, "update"),
-                      f"iter{index}/update")
-    if not result.checks:
-        raise CaffeLayersError(f"{case_dir}: reference.npz records no arrays to compare")
-    return result
