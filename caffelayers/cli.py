@@ -42,7 +42,7 @@ def _inspect_rows(graph) -> List[dict]:
 def cmd_inspect(args) -> int:
     from .graph import build_graph, load_net_param, parse_input_specs
     from .layers.base import BuildContext
-    from .net import check_weights_fit, read_weights
+    from .net import check_weights_fit, read_weights, warn_unloaded
 
     net_param, source_dir = load_net_param(args.net, args.phase, args.level, args.stage,
                                            allow_unknown_fields=args.allow_unknown_fields)
@@ -51,7 +51,8 @@ def cmd_inspect(args) -> int:
                                      source_file=Path(args.net), fill=False),
                         device="meta", strict=False)
     if args.weights:
-        check_weights_fit(graph.nodes, read_weights(args.weights, lazy=True), args.weights)
+        warn_unloaded(check_weights_fit(graph.nodes, read_weights(args.weights, lazy=True),
+                                        args.weights), args.weights)
     rows = _inspect_rows(graph)
     known_params = [row["params"] for row in rows if row["params"] is not None]
     total = sum(known_params)
@@ -96,7 +97,7 @@ def _report(result, as_json: bool) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .verify import compare_forward, load_reference, verify_case
+    from .verify import compare_forward, open_case, verify_case
 
     if args.runtime == "torch":
         result = verify_case(args.case, rtol=args.rtol, atol=args.atol,
@@ -107,16 +108,12 @@ def cmd_verify(args) -> int:
         result = verify_case_onnx(args.case, rtol=args.rtol, atol=args.atol)
     else:
         from .converters.pytorch import ConvertedNet
-        from .net import Net
 
-        case = Path(args.case)
-        meta, arrays = load_reference(case)
-        weights = case / "weights.caffemodel"
-        net = Net(case / "net.prototxt", weights if weights.is_file() else None, phase="TEST")
+        meta, arrays, net = open_case(args.case, phase="TEST")
         converted = ConvertedNet(net, args.runtime)
         result = compare_forward(meta, arrays, lambda inputs: converted(**inputs),
                                  args.rtol, args.atol)
-        result.case = meta.get("case", case.name)
+        result.case = meta.get("case", Path(args.case).name)
     return _report(result, args.json)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,22 @@ import torch
 from .errors import (CaffeFormatError, CaffeLayersError, UnknownLayerError,
                      UnsupportedParameterError)
 from .layers.base import BuildContext, CaffeLayer, Shape
+from .limits import check_bytes, check_count, memory_limit
 from .registry import LAYERS
 
 PYTHON_LAYER_NOTE = ("Python layers are never executed (they would run arbitrary code); "
                      'register a module for the layer type with @caffelayers.register_layer("Python")')
+#: Python layers recognised by (module, layer) and built as the native type replacing them.
+PYTHON_REPLACEMENTS = {("rpn.proposal_layer", "ProposalLayer"): "Proposal"}
+
+
+def layer_type(param) -> str:
+    """The registry key of a layer: its type, or the native type that replaces a recognised
+    Python layer (which is never executed)."""
+    if param.type == "Python":
+        python = param.python_param
+        return PYTHON_REPLACEMENTS.get((python.module, python.layer), param.type)
+    return param.type
 
 
 @dataclass
@@ -127,32 +140,86 @@ def layer_line(path: Path, layer_name: str) -> Optional[int]:
 
 
 @contextlib.contextmanager
-def _located(path: Optional[Path], layer_name: str):
+def _located(path: Optional[Path], layer_name: Optional[str] = None):
     """Prefix a layer's build or shape error with ``FILE:LINE:`` of the layer in the prototxt
-    (the layer's own errors name the layer but cannot know where it is written)."""
+    (the layer's own errors name the layer but cannot know where it is written); without a
+    layer name, with the file alone."""
     try:
         yield
     except CaffeLayersError as error:
         if path is None or getattr(error, "path", None):
             raise
-        line = layer_line(path, layer_name)
+        line = None if layer_name is None else layer_line(path, layer_name)
         if isinstance(error, CaffeFormatError):
             error.path, error.line = str(path), line
             error.args = (error._compose(),)
         else:
             error.args = (f"{path}{'' if line is None else f':{line}'}: {error}",)
+            error.path = str(path)  # located once: an enclosing _located leaves it alone
         raise
 
 
-def _build_module(cls, param, bottom_shapes, ctx) -> CaffeLayer:
-    """``cls.from_caffe``, with the layer's name added to a parameter error that lacks it
-    (``__init__`` validates plain values and cannot know the name)."""
+#: What a layer's own code may raise on parameters or shapes it did not foresee (a value
+#: out of every range, an overflow in a shape formula): reported as that layer's error.
+_UNFORESEEN = (ArithmeticError, IndexError, KeyError, TypeError, ValueError, RuntimeError)
+
+
+@contextlib.contextmanager
+def _in_layer(param, bottom_shapes):
+    """Name the layer in an error its build or shape rule raises: a parameter error that
+    lacks the name (``__init__`` validates plain values and cannot know it), or an error
+    that no check of ours foresaw."""
     try:
-        return cls.from_caffe(param, bottom_shapes, ctx)
+        yield
     except UnsupportedParameterError as error:
         if repr(param.name) in str(error):
             raise
         raise UnsupportedParameterError(f"layer {param.name!r} ({param.type}): {error}") from None
+    except CaffeLayersError:
+        raise
+    except _UNFORESEEN as error:
+        shapes = ", ".join("x".join(map(str, s)) for s in bottom_shapes) or "none"
+        raise CaffeFormatError(f"layer {param.name!r} ({param.type}) cannot be built on bottoms "
+                               f"of shape {shapes}: {type(error).__name__}: {error}") from None
+
+
+def _check_blob_counts(cls, param) -> None:
+    """Caffe's ``CheckBlobCounts``: the numbers of bottoms and tops the type allows."""
+    for what, count, (low, high) in (("bottoms", len(param.bottom), cls.num_bottoms),
+                                     ("tops", len(param.top), cls.num_tops)):
+        if count < low or (high is not None and count > high):
+            allowed = (f"exactly {low}" if low == high else f"at least {low}" if high is None
+                       else f"{low} to {high}")
+            raise CaffeFormatError(f"layer {param.name!r} ({param.type}) has {count} {what}; "
+                                   f"a {param.type} layer takes {allowed}")
+
+
+class _Budget:
+    """Bytes a run will hold (parameters and every blob), checked against the memory limit
+    layer by layer, before the layer allocates; also Caffe's INT_MAX per blob."""
+
+    def __init__(self, allocating: bool):
+        self.allocating = allocating
+        self.limit = memory_limit() if allocating else None
+        self.used = 0
+
+    def add(self, node: Node, blobs: Dict[str, Sequence[int]]) -> None:
+        size = 0
+        for what, shape in blobs.items():
+            size += 4 * check_count(shape, f"layer {node.name!r} ({node.type}): {what}")
+        if self.allocating and size:
+            self.used += size
+            biggest = max(blobs, key=lambda k: math.prod(blobs[k]))
+            check_bytes(self.used, f"layer {node.name!r} ({node.type}) (its {biggest} is "
+                        f"{' x '.join(map(str, blobs[biggest]))}; the net up to it, in "
+                        "float32)", self.limit)
+
+
+def _parameter_shapes(cls, param, bottom_shapes, ctx) -> Dict[str, Shape]:
+    """The shapes of the blobs a layer would allocate, from a build that allocates nothing."""
+    with torch.device("meta"):
+        probe = cls.from_caffe(param, bottom_shapes, dataclasses.replace(ctx, fill=False))
+    return {f"blob {i}": tuple(blob.shape) for i, blob in enumerate(probe.caffe_blobs())}
 
 
 def build_graph(net_param, input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
@@ -172,7 +239,8 @@ def build_graph(net_param, input_shapes: Optional[Mapping[str, Sequence[int]]] =
     ctx = ctx or BuildContext()
     input_shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
     no_fill = set(no_fill)
-    unknown = [(layer.name, layer.type) for layer in net_param.layer if layer.type not in LAYERS]
+    unknown = [(layer.name, layer.type) for layer in net_param.layer
+               if layer_type(layer) not in LAYERS]
     if strict and unknown:
         how = 'register one with @caffelayers.register_layer("TYPE")'
         if any(type_ == "Python" for _, type_ in unknown):
@@ -183,55 +251,96 @@ def build_graph(net_param, input_shapes: Optional[Mapping[str, Sequence[int]]] =
     nodes: List[Node] = []
     notes: List[str] = []
     used_inputs = set()
-    for param in net_param.layer:
-        node = Node(param.name, param.type, list(param.bottom), list(param.top), param)
-        for bottom in node.bottoms:
-            if bottom not in blob_shapes:
-                message = (f"layer {param.name!r} ({param.type}) reads bottom {bottom!r}, which "
-                           f"no earlier layer produces in phase {ctx.phase}")
-                if strict:
-                    raise CaffeFormatError(message)
-                notes.append(message + " (a layer that needs a --stage or --level?)")
-                blob_shapes[bottom] = None
-        node.bottom_shapes = [blob_shapes[b] for b in node.bottoms]
-        cls = LAYERS.get(param.type)
-        if cls is not None and all(s is not None for s in node.bottom_shapes):
-            layer_ctx = dataclasses.replace(ctx, fill=ctx.fill and param.name not in no_fill)
-            with _located(ctx.source_file, param.name), torch.device(device):
-                node.module = _build_module(cls, param, node.bottom_shapes, layer_ctx)
-                node.module.layer_name = param.name
-                if node.module.is_loss and not node.tops:
-                    # Caffe's AutoTopBlobs: a loss layer without tops still outputs its loss.
-                    node.tops = [f"(automatic {param.name})"]
-                node.top_shapes = list(node.module.output_shapes(node.bottom_shapes))
-            if len(node.top_shapes) != len(node.tops):
-                raise CaffeFormatError(f"layer {param.name!r} ({param.type}) has "
-                                       f"{len(node.tops)} tops, its type produces "
-                                       f"{len(node.top_shapes)}")
-        else:
-            node.top_shapes = [None] * len(node.tops)
-        if node.is_input:
-            for i, top in enumerate(node.tops):
-                if top in input_shapes:
-                    node.top_shapes[i] = input_shapes[top]
-                    used_inputs.add(top)
-                elif node.top_shapes[i] is None:
-                    message = (f"the shape of input {top!r} (layer {param.name!r}, "
-                               f"{param.type}) is not in the prototxt; give --input "
-                               f"{top}=N,C,H,W")
+    budget = _Budget(allocating=torch.device(device).type != "meta")
+    # Errors of the net as a whole (a bottom nobody produces) name the prototxt too.
+    with _located(ctx.source_file):
+        for param in net_param.layer:
+            node = Node(param.name, layer_type(param), list(param.bottom), list(param.top),
+                        param)
+            for bottom in node.bottoms:
+                if bottom not in blob_shapes:
+                    message = (f"layer {param.name!r} ({param.type}) reads bottom {bottom!r}, which "
+                               f"no earlier layer produces in phase {ctx.phase}")
                     if strict:
-                        raise CaffeLayersError(message)
-                    notes.append(message)
-        node.loss_weights = _loss_weights(param, node.module, len(node.tops))
-        for top, shape in zip(node.tops, node.top_shapes):
-            blob_shapes[top] = shape
-        nodes.append(node)
+                        raise CaffeFormatError(message)
+                    notes.append(message + " (a layer that needs a --stage or --level?)")
+                    blob_shapes[bottom] = None
+            node.bottom_shapes = [blob_shapes[b] for b in node.bottoms]
+            cls = LAYERS.get(node.type)
+            if cls is not None and all(s is not None for s in node.bottom_shapes):
+                layer_ctx = dataclasses.replace(ctx, fill=ctx.fill and param.name not in no_fill)
+                with _located(ctx.source_file, param.name), _in_layer(param, node.bottom_shapes):
+                    _check_blob_counts(cls, param)
+                    if budget.allocating and not getattr(cls, "is_input", False):
+                        budget.add(node, _parameter_shapes(cls, param, node.bottom_shapes, layer_ctx))
+                    with torch.device(device):
+                        node.module = cls.from_caffe(param, node.bottom_shapes, layer_ctx)
+                    node.module.layer_name = param.name
+                    if node.module.is_loss and not node.tops:
+                        # Caffe's AutoTopBlobs: a loss layer without tops still outputs its loss.
+                        node.tops = [f"(automatic {param.name})"]
+                    node.top_shapes = list(node.module.output_shapes(node.bottom_shapes))
+                if len(node.top_shapes) != len(node.tops):
+                    raise CaffeFormatError(f"layer {param.name!r} ({param.type}) has "
+                                           f"{len(node.tops)} tops, its type produces "
+                                           f"{len(node.top_shapes)}")
+            else:
+                node.top_shapes = [None] * len(node.tops)
+            if node.is_input:
+                for i, top in enumerate(node.tops):
+                    if top in input_shapes:
+                        node.top_shapes[i] = input_shapes[top]
+                        used_inputs.add(top)
+                    elif node.top_shapes[i] is None:
+                        message = (f"the shape of input {top!r} (layer {param.name!r}, "
+                                   f"{param.type}) is not in the prototxt; give it (--input "
+                                   f"{top}=N,C,H,W with one number per axis on the command "
+                                   "line, inputs= in Python)")
+                        if strict:
+                            raise CaffeLayersError(message)
+                        notes.append(message)
+            with _located(ctx.source_file, param.name):
+                budget.add(node, {f"top {t!r}": shape for t, shape in
+                                  zip(node.tops, node.top_shapes) if shape is not None})
+            node.loss_weights = _loss_weights(param, node.module, len(node.tops))
+            for top, shape in zip(node.tops, node.top_shapes):
+                blob_shapes[top] = shape
+            nodes.append(node)
     for name in input_shapes:
         if name not in used_inputs:
             raise CaffeLayersError(f"--input {name}: the net has no input blob {name!r}; its "
                                    f"inputs are {', '.join(t for n in nodes if n.is_input for t in n.tops) or 'none'}")
     graph = NetGraph(net_param.name, nodes, blob_shapes, unknown, notes)
     return graph
+
+
+def reshape_graph(graph: NetGraph, input_shapes: Mapping[str, Sequence[int]],
+                  source_file: Optional[Path] = None) -> None:
+    """Caffe's ``Net::Reshape`` after new input shapes: every layer's shape rule runs again
+    on the built modules (weights untouched). The graph changes only when every layer
+    accepts its new bottoms; otherwise the layer that does not is named."""
+    inputs = graph.inputs
+    strange = [name for name in input_shapes if name not in inputs]
+    if strange:
+        raise CaffeLayersError(f"cannot reshape {', '.join(map(repr, strange))}: the net's "
+                               f"inputs are {', '.join(inputs) or 'none'}")
+    shapes: Dict[str, Optional[Shape]] = {}
+    new: List[Tuple[List[Shape], List[Shape]]] = []
+    budget = _Budget(allocating=True)
+    for node in graph.nodes:
+        bottoms = [shapes[b] for b in node.bottoms]
+        with _located(source_file, node.name), _in_layer(node.param, bottoms):
+            if node.is_input:
+                tops = [tuple(int(d) for d in input_shapes[t]) if t in input_shapes else shape
+                        for t, shape in zip(node.tops, node.top_shapes)]
+            else:
+                tops = list(node.module.output_shapes(bottoms))
+            budget.add(node, {f"top {t!r}": shape for t, shape in zip(node.tops, tops)})
+        new.append((bottoms, tops))
+        shapes.update(zip(node.tops, tops))
+    for node, (bottoms, tops) in zip(graph.nodes, new):
+        node.bottom_shapes, node.top_shapes = bottoms, tops
+    graph.blob_shapes = shapes
 
 
 def load_net_param(source, phase: str = "TEST", level: int = 0, stages: Sequence[str] = (),

@@ -9,6 +9,7 @@ of their gradients (Caffe's split layers), which autograd does by itself.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import CaffeFormatError, CaffeLayersError
-from .graph import build_graph, load_net_param
+from .graph import build_graph, load_net_param, reshape_graph
 from .layers.base import BuildContext, CaffeLayer
 
 
@@ -46,16 +47,17 @@ def read_weights(path, lazy: bool = False) -> Dict[str, list]:
     return {name: [blob.read() for blob in blobs] for name, blobs in stored.items()}
 
 
-def check_weights_fit(nodes, trained: Mapping[str, list], path) -> None:
-    """Raise one error naming every layer whose trained blobs do not fit the net.
+def check_weights_fit(nodes, trained: Mapping[str, list], path) -> List[str]:
+    """Raise one error naming every layer whose trained blobs do not fit the net; return the
+    names of the layers with parameters that the file leaves on their fillers.
 
-    ``trained`` is :func:`read_weights`'s result: arrays, or stored blobs (only their
-    ``size`` and ``shape`` are read).
-
-    As Caffe's ``CopyTrainedLayersFrom``, layers absent from the file keep their fillers and
-    layers absent from the net are ignored; but a file that shares no layer with the net's
-    parametrised layers is the weights of another net, and is an error. A blob fits when its
-    element count matches (old files store 4-D shapes for 1-D and 2-D blobs).
+    ``trained`` is :func:`read_weights`'s lazy result (stored blobs; only their shapes are
+    read). As Caffe's ``CopyTrainedLayersFrom``: layers absent from the net are ignored, and
+    a blob fits when ``Blob::ShapeEquals`` says so: the same shape, or for a blob stored with
+    the legacy num/channels/height/width fields the net's shape padded with leading 1s to four
+    axes. A flat blob with the right count, or 3x4x3x3 where the net wants 4x3x3x3, does not
+    fit. A file that shares no layer with the net's parametrised layers is the weights of
+    another net.
     """
     problems = []
     with_params = [node for node in nodes if node.module is not None
@@ -63,16 +65,17 @@ def check_weights_fit(nodes, trained: Mapping[str, list], path) -> None:
     for node in with_params:
         if node.name not in trained:
             continue
-        targets, arrays = node.module.caffe_blobs(), trained[node.name]
-        if len(arrays) != len(targets):
-            problems.append(f"layer {node.name!r} ({node.type}) has {len(arrays)} blobs, the "
+        targets, stored = node.module.caffe_blobs(), trained[node.name]
+        if len(stored) != len(targets):
+            problems.append(f"layer {node.name!r} ({node.type}) has {len(stored)} blobs, the "
                             f"net expects {len(targets)}")
             continue
-        for index, (array, target) in enumerate(zip(arrays, targets)):
-            if array.size != target.numel():
-                problems.append(f"layer {node.name!r} ({node.type}) blob {index} has shape "
-                                f"{'x'.join(map(str, array.shape))}, the net expects "
-                                f"{'x'.join(map(str, target.shape))}")
+        for index, (blob, target) in enumerate(zip(stored, targets)):
+            if not blob.fits(target.shape):
+                problems.append(f"layer {node.name!r} ({node.type}) blob {index}: shape "
+                                f"mismatch, the file has {_shape_text(blob.shape)}"
+                                f"{' (legacy num/channels/height/width)' if blob.legacy else ''}"
+                                f", the net expects {_shape_text(target.shape)}")
     if with_params and not any(node.name in trained for node in with_params):
         problems.append("none of the net's layers with parameters "
                         f"({', '.join(repr(n.name) for n in with_params[:5])}"
@@ -81,6 +84,18 @@ def check_weights_fit(nodes, trained: Mapping[str, list], path) -> None:
                         f"{', ...' if len(trained) > 5 else ''}: weights of another net?")
     if problems:
         raise CaffeFormatError("weights do not fit the net: " + "; ".join(problems), path=path)
+    return [node.name for node in with_params if node.name not in trained]
+
+
+def warn_unloaded(layers: Sequence[str], path) -> None:
+    if layers:
+        warnings.warn(f"{path}: no weights for layer{'s' if len(layers) > 1 else ''} "
+                      f"{', '.join(map(repr, layers))}; they keep the prototxt's fillers",
+                      stacklevel=3)
+
+
+def _shape_text(shape) -> str:
+    return "x".join(map(str, shape)) or "a scalar"
 
 
 class Net(nn.Module):
@@ -122,13 +137,18 @@ class Net(nn.Module):
         trained = read_weights(weights, lazy=True) if weights is not None else {}
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         source_file = Path(prototxt) if isinstance(prototxt, (str, Path)) else None
+        self._source_file = source_file
         ctx = BuildContext(phase=self.phase, source_dir=source_dir, source_file=source_file,
                            generator=generator,
                            options={"margin_backward": margin_backward, "loss_mode": loss_mode})
         self.graph = build_graph(net_param, inputs, ctx, device="cpu", strict=True,
                                  no_fill=trained.keys())
+        #: layers with parameters that the caffemodel does not hold: they keep their fillers.
+        self.unloaded_layers: List[str] = []
         if weights is not None:
-            check_weights_fit(self.graph.nodes, trained, self.weights_path)
+            self.unloaded_layers = check_weights_fit(self.graph.nodes, trained,
+                                                     self.weights_path)
+            warn_unloaded(self.unloaded_layers, self.weights_path)
         self.layers = nn.ModuleDict()
         self._keys: Dict[str, str] = {}  # Caffe layer name -> key in self.layers
         self.param_specs: Dict[str, List[Tuple[float, float]]] = {}
@@ -151,7 +171,7 @@ class Net(nn.Module):
         """Caffe's ``CopyTrainedLayersFrom``: load the blobs of the layers that the caffemodel
         and the net share by name, after checking that all of them fit."""
         trained = read_weights(path, lazy=True)
-        check_weights_fit(self.graph.nodes, trained, str(path))
+        warn_unloaded(check_weights_fit(self.graph.nodes, trained, str(path)), path)
         self._load_trained(trained, str(path))
 
     def _load_trained(self, trained: Mapping[str, list], source) -> None:
@@ -238,14 +258,17 @@ class Net(nn.Module):
             value = torch.from_numpy(np.ascontiguousarray(value).reshape(np.shape(value)))
         elif not isinstance(value, torch.Tensor):
             value = torch.as_tensor(value)
-        value = value.to(device=device, dtype=dtype)  # labels too: Caffe stores them as floats
-        expected = self.graph.blob_shapes.get(name)
-        if expected is not None and tuple(value.shape) != tuple(expected):
-            # Caffe reshapes inputs freely, but only the batch may change without a rebuild.
-            if tuple(value.shape[1:]) != tuple(expected[1:]):
-                raise CaffeLayersError(f"input {name!r} has shape {tuple(value.shape)}, the net "
-                                       f"was built for {tuple(expected)}")
-        return value
+        return value.to(device=device, dtype=dtype)  # labels too: Caffe stores them as floats
+
+    def reshape(self, **input_shapes: Sequence[int]) -> None:
+        """Caffe's ``net.blobs[name].reshape(...)`` then ``net.reshape()``: new shapes for input
+        blobs, every layer's shape rule run again, weights untouched.
+
+        ``forward`` does this by itself when it is fed inputs of other shapes (an image
+        pyramid through a fully convolutional net); a layer whose weights fix a size
+        (InnerProduct after the convolutions) refuses with its name.
+        """
+        reshape_graph(self.graph, input_shapes, self._source_file)
 
     def forward(self, **inputs) -> Dict[str, torch.Tensor]:
         """Run every layer in order; returns the net's output blobs by name.
@@ -264,12 +287,17 @@ class Net(nn.Module):
                 parts.append(f"unknown inputs {', '.join(extra)}")
             raise CaffeLayersError(f"net {self.graph.name!r}: {'; '.join(parts)} (its inputs "
                                    f"are {', '.join(self.inputs) or 'none'})")
+        inputs = {name: self._as_tensor(name, value) for name, value in inputs.items()}
+        changed = {name: tuple(value.shape) for name, value in inputs.items()
+                   if tuple(value.shape) != self.graph.blob_shapes.get(name)}
+        if changed:
+            self.reshape(**changed)
         blobs: Dict[str, torch.Tensor] = {}
         first: Dict[str, torch.Tensor] = {}
         for node in self.graph.nodes:
             if node.is_input:
                 for top in node.tops:
-                    value = self._as_tensor(top, inputs[top])
+                    value = inputs[top]
                     if torch.is_grad_enabled() and not value.requires_grad:
                         value = value.detach().requires_grad_(True)
                     blobs[top] = first[top] = value

@@ -7,7 +7,9 @@ A case directory holds ``net.prototxt``, ``weights.caffemodel`` and ``reference.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import CaffeLayersError
+from .limits import check_bytes
 from .net import Net
 from .solver import Solver
 
@@ -102,17 +105,132 @@ def compare(key: str, ours, caffe: np.ndarray, rtol: float = RTOL, atol: float =
     return ArrayCheck(key, error, tolerance)
 
 
+#: No reference case records more iterations than this; a meta asking for more is refused
+#: rather than replayed for hours.
+MAX_ITERATIONS = 10_000
+
+
 def load_reference(case: str | Path):
-    """``(meta, arrays)`` of a ``reference.npz``, given the file or its case directory."""
+    """``(meta, arrays)`` of a ``reference.npz``, given the file or its case directory.
+
+    Everything is checked before use: a regular file, a zip archive of ``.npy`` members
+    whose sizes fit in memory, numeric arrays only (pickled objects are never loaded), and a
+    ``meta`` JSON object whose fields have the types the replay needs.
+    """
     path = Path(case)
     if path.is_dir():
         path = path / "reference.npz"
-    if not path.is_file():
-        raise CaffeLayersError(f"{case}: not a reference case (no reference.npz)")
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {key: archive[key] for key in archive.files}
-    meta = json.loads(str(arrays.pop("meta")))
+    _check_regular(path, "a reference (reference.npz)")
+    with _reference_error(path):
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+        strange = [m.filename for m in members if not m.filename.endswith(".npy")]
+        if strange:
+            raise CaffeLayersError(f"holds {strange[0]!r}, not a .npy array")
+        check_bytes(sum(m.file_size for m in members), "its arrays")
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    if "meta" not in arrays:
+        raise CaffeLayersError(f"{path}: no 'meta' entry (the JSON that says what was recorded)")
+    meta = _read_meta(arrays.pop("meta"), path)
+    for key, value in arrays.items():
+        if value.dtype.kind not in "biuf":
+            raise CaffeLayersError(f"{path}: array {key!r} has dtype {value.dtype}, not numbers")
+    missing = [name for name in meta["inputs"] if f"input/{name}" not in arrays]
+    if missing:
+        raise CaffeLayersError(f"{path}: meta lists inputs {', '.join(map(repr, missing))} "
+                               "but no 'input/NAME' array holds them")
     return meta, arrays
+
+
+def _check_regular(path: Path, what: str) -> None:
+    """A regular file: a FIFO or a device would block or never end."""
+    if not path.exists():
+        raise CaffeLayersError(f"{path}: not found; expected {what}")
+    if not path.is_file():
+        raise CaffeLayersError(f"{path}: not a regular file; expected {what}")
+
+
+@contextlib.contextmanager
+def _reference_error(path: Path):
+    try:
+        yield
+    except CaffeLayersError as error:
+        raise CaffeLayersError(f"{path}: {error}") from None
+    except zipfile.BadZipFile:
+        raise CaffeLayersError(f"{path}: not a reference.npz (not a zip archive of arrays)") \
+            from None
+    except ValueError as error:
+        why = ("it holds pickled objects, which are never loaded" if "pickle" in str(error)
+               else f"a damaged array ({error})")
+        raise CaffeLayersError(f"{path}: {why}") from None
+    except (OSError, EOFError) as error:
+        raise CaffeLayersError(f"{path}: cannot be read ({error})") from None
+
+
+#: meta fields the replay reads: name -> (allowed types, description).
+_META_FIELDS = {
+    "case": ((str,), "a string"),
+    "phase": ((str,), "TRAIN or TEST"),
+    "backward": ((bool,), "true or false"),
+    "solver": ((bool,), "true or false"),
+    "iterations": ((int,), f"an integer from 1 to {MAX_ITERATIONS}"),
+}
+
+
+def _read_meta(value: np.ndarray, path: Path) -> Dict:
+    if value.shape != () or value.dtype.kind not in "US":
+        raise CaffeLayersError(f"{path}: 'meta' must be one JSON string, got a {value.dtype} "
+                               f"array of shape {value.shape}")
+    try:
+        meta = json.loads(str(value))
+    except ValueError as error:
+        raise CaffeLayersError(f"{path}: 'meta' is not JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise CaffeLayersError(f"{path}: 'meta' must be a JSON object")
+    inputs = meta.get("inputs")
+    if not isinstance(inputs, list) or not all(isinstance(n, str) for n in inputs):
+        raise CaffeLayersError(f"{path}: meta 'inputs' must be a list of blob names")
+    for name, (types, allowed) in _META_FIELDS.items():
+        if name not in meta:
+            continue
+        field_value = meta[name]
+        bad = not isinstance(field_value, types) or (bool not in types and
+                                                     isinstance(field_value, bool))
+        if name == "phase" and not bad:
+            bad = field_value not in ("TRAIN", "TEST")
+        if name == "iterations" and not bad:
+            bad = not 1 <= field_value <= MAX_ITERATIONS
+        if bad:
+            raise CaffeLayersError(f"{path}: meta {name!r} must be {allowed}, got "
+                                   f"{field_value!r:.60}")
+    return meta
+
+
+def open_case(case_dir: str | Path, phase: Optional[str] = None, **net_options):
+    """``(meta, arrays, net)`` of a reference case directory, every part checked: the case is
+    a directory, its reference reads, its net has weights for every parametrised layer
+    (verifying fillers would prove nothing) and accepts the recorded input shapes."""
+    case_dir = Path(case_dir)
+    if not case_dir.is_dir():
+        what = "a file" if case_dir.exists() else "not found"
+        raise CaffeLayersError(f"{case_dir}: {what}; verify takes a case directory holding "
+                               "net.prototxt, weights.caffemodel and reference.npz")
+    meta, arrays = load_reference(case_dir)
+    prototxt, weights = case_dir / "net.prototxt", case_dir / "weights.caffemodel"
+    _check_regular(prototxt, "the case's net (net.prototxt)")
+    net = Net(prototxt, weights if weights.exists() else None,
+              phase=phase or meta.get("phase", "TEST"), **net_options)
+    unfilled = net.unloaded_layers if weights.exists() else list(net.caffe_params())
+    if unfilled:
+        raise CaffeLayersError(f"{case_dir}: no weights for layers "
+                               f"{', '.join(map(repr, unfilled[:5]))}"
+                               f"{' ...' if len(unfilled) > 5 else ''} in "
+                               f"{'weights.caffemodel' if weights.exists() else 'the case (no weights.caffemodel)'}"
+                               ": verifying the prototxt's fillers would prove nothing")
+    net.reshape(**{name: arrays[f"input/{name}"].shape for name in meta["inputs"]
+                   if name in net.inputs})
+    return meta, arrays, net
 
 
 def _iteration(arrays: Dict[str, np.ndarray], index: int, kind: str) -> Dict[str, np.ndarray]:
@@ -128,13 +246,11 @@ def verify_case(case_dir: str | Path, rtol: float = RTOL, atol: float = ATOL,
     clears the parameter gradients and runs backward from the loss layers and the recorded
     top diffs. ``net_options`` go to ``Net`` (``margin_backward``, ``loss_mode``, ...).
     """
-    case_dir = Path(case_dir)
-    meta, arrays = load_reference(case_dir)
+    meta, _ = load_reference(case_dir)
     if meta.get("solver"):
         return verify_solver_case(case_dir, rtol, atol, **net_options)
-    weights = case_dir / "weights.caffemodel"
-    net = Net(case_dir / "net.prototxt", weights if weights.is_file() else None,
-              phase=meta.get("phase", "TEST"), **net_options)
+    meta, arrays, net = open_case(case_dir, **net_options)
+    case_dir = Path(case_dir)
     inputs = {name: arrays[f"input/{name}"] for name in meta["inputs"]}
     result = VerifyResult(meta.get("case", case_dir.name))
     for index in range(int(meta.get("iterations", 1))):

@@ -28,6 +28,7 @@ import math
 import mmap
 import os
 import re
+import stat
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -36,7 +37,8 @@ import numpy as np
 from google.protobuf import descriptor_pool, text_format
 from google.protobuf.message import DecodeError, Message
 
-from ..errors import CaffeFormatError, nearest_name
+from ..errors import CaffeFormatError, CaffeLayersError, nearest_name
+from ..limits import check_bytes
 from . import caffe_pb2 as pb
 from .netstate import check_unique_tops, layer_included, make_state
 from .upgrade import (V0_TYPE_TO_V1, V1_TYPE_NAMES, caller_stacklevel, upgrade_net,
@@ -123,8 +125,7 @@ def read_caffemodel_blobs(path: PathLike):
             stripped, places = _strip_blob_values(data)
         except _NotCaffeLayout:
             net = parse_caffemodel(data, path)
-            return net, {layer.name: [StoredBlob.from_blob(blob) for blob in layer.blobs]
-                         for layer in net.layer if len(layer.blobs)}
+            return net, _by_layer_name(net, StoredBlob.from_blob, path)
     net = _parse_binary(stripped, pb.NetParameter, path, "a Caffe model (NetParameter)")
     if not len(net.layer) and not len(net.layers):
         raise CaffeFormatError("no layers: this is not a Caffe model (or an empty one)", path)
@@ -134,15 +135,26 @@ def read_caffemodel_blobs(path: PathLike):
 
     _check_net(net, path, None, stored)
     net = _upgrade(net, path, None)
-    blobs = {}
-    for layer in net.layer:
-        if len(layer.blobs):
-            blobs[layer.name] = [StoredBlob(blob_shape(blob), *places[_place_index(blob)][1:],
-                                            path=path) for blob in layer.blobs]
+    blobs = _by_layer_name(net, lambda blob: StoredBlob(
+        blob_shape(blob), *places[_place_index(blob)][1:], path=path, legacy=_is_legacy(blob)),
+        path)
     for layer in net.layer:
         for blob in layer.blobs:
             blob.ClearField("double_diff")  # the place marker
     return net, blobs
+
+
+def _by_layer_name(net: pb.NetParameter, stored, path) -> dict:
+    """``{layer name: [stored(blob), ...]}`` for the layers with blobs; two such layers with
+    one name are an error (Caffe would load both in turn, the last one winning)."""
+    blobs = {}
+    for layer in net.layer:
+        if len(layer.blobs):
+            if layer.name in blobs:
+                raise CaffeFormatError(f"two layers named {layer.name!r} hold blobs: which "
+                                       "one the net should load is ambiguous", path)
+            blobs[layer.name] = [stored(blob) for blob in layer.blobs]
+    return blobs
 
 
 def parse_caffemodel(data, path: Optional[PathLike] = None) -> pb.NetParameter:
@@ -260,10 +272,13 @@ class StoredBlob:
         dtype: little-endian float32 for ``data``, float64 for ``double_data``, as the
             file stores them (``read(out=...)`` wants exactly this dtype).
         size: the number of values.
+        legacy: the shape came from the legacy num/channels/height/width fields, which
+            Caffe matches against a blob's shape padded with leading 1s to four axes.
     """
 
-    def __init__(self, shape, dtype, segments=(), path=None, array=None):
+    def __init__(self, shape, dtype, segments=(), path=None, array=None, legacy=False):
         self.shape = tuple(int(d) for d in shape)
+        self.legacy = legacy
         self.dtype = np.dtype(dtype)
         self.size = math.prod(self.shape)
         self._segments = list(segments)  # (file offset, bytes): a packed field may repeat
@@ -273,7 +288,15 @@ class StoredBlob:
     @classmethod
     def from_blob(cls, blob: pb.BlobProto) -> "StoredBlob":
         array = blob_to_array(blob)
-        return cls(array.shape, array.dtype, array=array)
+        return cls(array.shape, array.dtype, array=array, legacy=_is_legacy(blob))
+
+    def fits(self, shape) -> bool:
+        """Caffe's ``Blob::ShapeEquals``: the same shape, or for a legacy blob the same
+        (num, channels, height, width) as ``shape`` padded with leading 1s to four axes."""
+        shape = tuple(int(d) for d in shape)
+        if not self.legacy:
+            return shape == self.shape
+        return len(shape) <= 4 and (1,) * (4 - len(shape)) + shape == self.shape
 
     def read(self, out: Optional[np.ndarray] = None) -> np.ndarray:
         """The values with the blob's shape: a new array, or written into ``out`` (a
@@ -353,13 +376,33 @@ def write_binaryproto(blob, path: PathLike) -> None:
 
 # --- text parsing -----------------------------------------------------------------------
 
+#: Parsing text costs up to this many bytes of memory per byte of the file (protobuf's
+#: tokenizer and our position scan, measured on a prototxt that is one long quoted string).
+_TEXT_COST = 250
+
+
 def _read_text(path: PathLike) -> str:
     try:
+        size = _regular_size(path)
+        check_bytes(size * _TEXT_COST, f"parsing this {size:,}-byte text file")
         data = Path(path).read_bytes()
     except OSError as error:
         raise CaffeFormatError(f"cannot read the file: {error.strerror or error}", path) \
             from None
+    except CaffeLayersError as error:
+        raise CaffeFormatError(str(error), path) from None
     return _decode(data, path)
+
+
+def _regular_size(path: PathLike) -> int:
+    """The size of a regular file; anything else (a FIFO, a device, a folder) would block or
+    never end, and is refused."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO" if \
+            stat.S_ISFIFO(info.st_mode) else "a special file"
+        raise CaffeLayersError(f"cannot read {kind}: expected a regular file")
+    return info.st_size
 
 
 def _decode(data: bytes, path) -> str:
@@ -558,8 +601,11 @@ class _open_binary:
 
     def __enter__(self):
         try:
+            _regular_size(self.path)  # before open(): opening a FIFO blocks
             self.file = open(self.path, "rb")
             size = os.fstat(self.file.fileno()).st_size
+        except CaffeLayersError as error:
+            raise CaffeFormatError(str(error), self.path) from None
         except OSError as error:
             self.close()
             raise CaffeFormatError(f"cannot read the file: {error.strerror or error}",
@@ -797,8 +843,14 @@ def _check_blob(blob: pb.BlobProto, what: str, path, where=None, stored=None) ->
                                f"the file holds {stored}", path, *(where or (None, None)))
 
 
+def _is_legacy(blob: pb.BlobProto) -> bool:
+    """The blob's shape is in the legacy num/channels/height/width fields."""
+    return not blob.HasField("shape") and any(
+        blob.HasField(f) for f in ("num", "channels", "height", "width"))
+
+
 def _legacy_shape_matches(blob: pb.BlobProto, shape: tuple, expected: tuple) -> bool:
-    if blob.HasField("shape") or len(expected) > 4:
+    if not _is_legacy(blob) or len(expected) > 4:
         return False
     return (1,) * (4 - len(expected)) + expected == shape
 

@@ -59,6 +59,11 @@ class CaffeLayer(nn.Module):
     caffe_type: ClassVar[str] = ""
     #: a loss layer's first top gets ``loss_weight`` 1 unless the prototxt says otherwise.
     is_loss: ClassVar[bool] = False
+    #: Caffe's ``CheckBlobCounts``: ``(least, most)`` bottoms and tops, ``None`` for no bound.
+    #: The shape rule checks the finer constraints; these are checked before the layer is
+    #: built, so that ``from_caffe`` can read the bottoms it needs.
+    num_bottoms: ClassVar[Tuple[int, Optional[int]]] = (1, None)
+    num_tops: ClassVar[Tuple[int, Optional[int]]] = (0, None)
 
     def __init__(self) -> None:
         super().__init__()

@@ -30,6 +30,7 @@ class InputLayer(CaffeLayer):
     """
 
     is_input = True
+    num_bottoms = (0, 0)
 
     def __init__(self, top_shapes: Sequence[Optional[Shape]], hint: str = ""):
         super().__init__()
@@ -173,6 +174,8 @@ class DummyData(CaffeLayer):
     one entry serves every top. Unlike the other data layers it produces its own tops, and
     refills them on every forward as Caffe does for non-constant fillers.
     """
+
+    num_bottoms = (0, 0)
 
     def __init__(self, top_shapes: Sequence[Shape], fillers_=None):
         super().__init__()

@@ -38,6 +38,8 @@ def check_solver(param, path) -> UpdateRule:
     for name in ("display", "test_interval", "snapshot"):
         if getattr(param, name) < 0:
             problems.append(f"{name} must be >= 0, got {getattr(param, name)}")
+    if param.max_iter < 0:
+        problems.append(f"max_iter must be >= 0, got {param.max_iter}")
     if param.average_loss < 1:
         problems.append(f"average_loss must be >= 1, got {param.average_loss}")
     if param.iter_size < 1:

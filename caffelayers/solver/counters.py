@@ -45,31 +45,42 @@ def layer_counters(net: Net) -> Dict[str, Dict[str, object]]:
 
 
 def read_counters(path: Path, iteration: int) -> Optional[Dict[str, Mapping]]:
-    """The per-net counters of a ``.caffelayers.json``, or None when there is none."""
+    """The per-net counters of a ``.caffelayers.json`` (``{net: {layer: {name: number}}}``),
+    or None when there is none. Anything else in the file is refused, naming the file."""
     if not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-        nets = saved["nets"]
-    except (ValueError, KeyError, TypeError):
-        raise CaffeFormatError("not a caffelayers counters file", path) from None
+    except (OSError, ValueError) as error:
+        raise CaffeFormatError(f"not a caffelayers counters file ({error})", path) from None
+    nets = saved.get("nets") if isinstance(saved, dict) else None
+    if not isinstance(nets, dict) or not all(
+            isinstance(layers, dict) and all(isinstance(values, dict) for values in layers.values())
+            for layers in nets.values()):
+        raise CaffeFormatError("not a caffelayers counters file: expected {\"iter\": N, "
+                               "\"nets\": {net: {layer: {counter: number}}}}", path)
     if saved.get("iter") != iteration:
-        raise CaffeFormatError(f"written at iteration {saved.get('iter')}, the solver state "
-                               f"is at {iteration}", path)
+        raise CaffeFormatError(f"written at iteration {saved.get('iter')!r:.40}, the solver "
+                               f"state is at {iteration}", path)
     return nets
 
 
 def load_layer_counters(net: Net, saved: Mapping, path: Path) -> None:
+    """Set each counter buffer of ``net`` that ``saved`` holds, after checking that the value
+    is one number that the buffer's dtype can hold."""
     with torch.no_grad():
         for layer, name, buffer in _counter_buffers(net):
-            if layer in saved and name in saved[layer]:
-                value = torch.as_tensor(saved[layer][name], dtype=buffer.dtype)
-                if value.shape != buffer.shape:
-                    raise CaffeFormatError(f"layer {layer!r} {name} has shape "
-                                           f"{tuple(value.shape)}, the net's has "
-                                           f"{tuple(buffer.shape)}", path)
-                buffer.copy_(value)
-
+            if layer not in saved or name not in saved[layer]:
+                continue
+            value = saved[layer][name]
+            limits = torch.iinfo(buffer.dtype) if not buffer.dtype.is_floating_point else None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    limits is not None and not (isinstance(value, int)
+                                                and limits.min <= value <= limits.max)):
+                raise CaffeFormatError(f"layer {layer!r} {name}: expected one "
+                                       f"{'integer' if limits else 'number'} for a "
+                                       f"{buffer.dtype} counter, got {value!r:.40}", path)
+            buffer.fill_(value)
 
 
 def write_counters(state_path, iteration: int, nets: Mapping[str, Net]) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -311,6 +312,7 @@ class Solver:
         display forward and test when their intervals fall on ``max_iter``."""
         logger.info("Solving %s", self.net.graph.name)
         logger.info("Learning Rate Policy: %s", self.param.lr_policy)
+        self.check_snapshot_folder()
         if resume_file is not None:
             self.restore(resume_file)
         start_iter = self.iter
@@ -457,10 +459,24 @@ class Solver:
         """Write ``PREFIX_iter_N.caffemodel`` (the train net's weights, readable by Caffe),
         ``PREFIX_iter_N.solverstate`` (Caffe's ``SolverState``: ``iter``, ``current_step``,
         ``learned_net`` and the history) and ``PREFIX_iter_N.caffelayers.json`` (layer
-        counters Caffe does not save). Returns the paths of the first two."""
+        counters Caffe does not save). Returns the paths of the first two.
+
+        A trained net is never lost: when the prefix's folder cannot be written (a disk that
+        filled up, a folder removed mid-run), the snapshot goes to a new folder under the
+        system's temporary directory and the log says where, as an error.
+        """
+        prefix = self._snapshot_prefix()
+        try:
+            return self._write_snapshot(prefix)
+        except OSError as error:
+            rescue = Path(tempfile.mkdtemp(prefix="caffelayers-snapshot-")) / Path(prefix).name
+            logger.error("Cannot write the snapshot to %s (%s); writing it to %s instead",
+                         prefix, error.strerror or error, rescue)
+            return self._write_snapshot(str(rescue))
+
+    def _write_snapshot(self, prefix: str) -> Tuple[str, str]:
         from ..proto import caffe_pb2, io
 
-        prefix = self._snapshot_prefix()
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
         model = f"{prefix}_iter_{self.iter}.caffemodel"
         logger.info("Snapshotting to binary proto file %s", model)
@@ -474,6 +490,22 @@ class Solver:
         Path(state_path).write_bytes(state.SerializeToString())
         write_counters(state_path, self.iter, self._nets_by_key())
         return model, state_path
+
+    def check_snapshot_folder(self) -> None:
+        """Before the first iteration: the folder of ``snapshot_prefix`` can be created and
+        written, so that a run does not learn at its end that its weights have nowhere to go.
+        Checked by writing a file, since permission bits do not bind root."""
+        if not (self.param.snapshot or self.param.snapshot_after_train):
+            return
+        prefix = Path(self._snapshot_prefix())
+        try:
+            prefix.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=prefix.parent):
+                pass
+        except OSError as error:
+            raise CaffeFormatError(f"snapshot_prefix {self.param.snapshot_prefix!r}: cannot "
+                                   f"write in {prefix.parent} ({error.strerror or error})",
+                                   self._where()) from None
 
     def restore(self, state_file: str | Path) -> None:
         """Resume from a ``.solverstate``: ``iter``, ``current_step``, the history and the

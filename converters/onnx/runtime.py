@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from ...errors import CaffeLayersError, UnsupportedParameterError
-from ...verify import ATOL, RTOL, VerifyResult, compare, load_reference
+from ...verify import ATOL, RTOL, VerifyResult, compare, load_reference, open_case
 from .core import DEFAULT_OPSET, convert_to_onnx, missing_emitters, output_blobs
 from .training import lambda_feed
 
@@ -106,15 +106,12 @@ def verify_case_onnx(case_dir: Union[str, Path], rtol: float = RTOL, atol: float
         UnsupportedParameterError: the case is not an inference case (see the module
             docstring); the message says why.
     """
-    from ...net import Net
-
     case_dir = Path(case_dir)
-    meta, arrays = load_reference(case_dir)
+    meta, _ = load_reference(case_dir)
     problem = inference_problem(case_dir, meta)
     if problem:
         raise UnsupportedParameterError(f"{case_dir}: not an inference case for ONNX: {problem}")
-    weights = case_dir / "weights.caffemodel"
-    net = Net(case_dir / "net.prototxt", weights if weights.is_file() else None, phase="TEST")
+    meta, arrays, net = open_case(case_dir, phase="TEST")
     recorded = {parts[2] for parts in (key.split("/", 2) for key in arrays)
                 if len(parts) == 3 and parts[0].startswith("iter") and parts[1] == "data"}
     model = convert_to_onnx(net, opset=opset, static_batch=static_batch,
