@@ -6,17 +6,26 @@ today's format (:mod:`.upgrade`), and reports every problem as a
 :class:`~caffelayers.errors.CaffeFormatError` naming the file and, for text, the line and
 column. What the readers check beyond protobuf's own parsing:
 
-* unknown fields and misspelt enum names, with the nearest known name; with
-  ``allow_unknown_fields=True`` fields of other Caffe forks are skipped with a warning;
+* unknown fields and misspelt enum names, with the nearest known name (the schema has the
+  fields of every Caffe fork in :mod:`.forks`; with ``allow_unknown_fields=True`` fields
+  of any other fork are skipped with a warning);
 * the fork spelling ``ceil_mode: true|false`` inside ``pooling_param`` is read as BVLC's
-  ``round_mode: CEIL|FLOOR`` (text only: in binary files the same field number 13 holds a
-  bool, so a fork's ``ceil_mode: true`` reads as FLOOR, and the prototxt must be trusted);
+  ``round_mode: CEIL|FLOOR`` (in binary files the same number 13 holds the bool, read as
+  ceil_mode only in a net numbered as OpenCV's schema; elsewhere a fork's ``ceil_mode:
+  true`` reads as FLOOR, and the prototxt must be trusted);
+* in binary files, field numbers that Caffe forks give different meanings: a layer's field
+  is read as the one its ``type`` implies, a contested field inside another message as the
+  one of the fork the net comes from, and a field that fits nothing is kept as an unknown
+  field rather than refused (:mod:`.forks` has the tables and rules); files are written
+  with every fork field at its fork's number. NVCaffe's ``raw_data`` blobs (FLOAT16 and
+  others) are read as arrays like ``data``;
 * shapes: dimensions below 0 or a blob of more than ``2**31 - 1`` elements (Caffe's limit),
   in net inputs, ``Input``/``DummyData``/``Parameter`` layers and stored blobs; a stored
   blob whose data does not fill its shape;
 * a top blob produced twice other than in place, in the TRAIN or the TEST net;
-* a caffemodel that does not parse, or parses to a net without layers (most non-protobuf
-  bytes do), or holds names that are not UTF-8.
+* a caffemodel that does not parse (the error says at which byte, and in which layer), or
+  parses to a net without layers (most non-protobuf bytes do), or holds names that are not
+  UTF-8.
 
 Numeric enum values (``operation: 1``) are valid text, as in Caffe. ``Python`` layers are read
 like any other; nothing here runs them.
@@ -34,12 +43,13 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
-from google.protobuf import descriptor_pool, text_format
+from google.protobuf import descriptor_pool, message_factory, text_format
 from google.protobuf.message import DecodeError, Message
 
 from ..errors import CaffeFormatError, CaffeLayersError, nearest_name
 from ..limits import check_bytes
 from . import caffe_pb2 as pb
+from . import forks
 from .netstate import check_unique_tops, layer_included, make_state
 from .upgrade import (V0_TYPE_TO_V1, V1_TYPE_NAMES, caller_stacklevel, upgrade_net,
                       upgrade_solver)
@@ -122,22 +132,24 @@ def read_caffemodel_blobs(path: PathLike):
     """
     with _open_binary(path) as data:
         try:
-            stripped, places = _strip_blob_values(data)
+            net, places = _parse_net(data, path, strip=True)
         except _NotCaffeLayout:
             net = parse_caffemodel(data, path)
             return net, _by_layer_name(net, StoredBlob.from_blob, path)
-    net = _parse_binary(stripped, pb.NetParameter, path, "a Caffe model (NetParameter)")
     if not len(net.layer) and not len(net.layers):
         raise CaffeFormatError("no layers: this is not a Caffe model (or an empty one)", path)
 
     def stored(blob):
-        return places[_place_index(blob)][0]
+        return places[_place_index(blob)].count
+
+    def stored_blob(blob):
+        place = places[_place_index(blob)]
+        return StoredBlob(blob_shape(blob), place.dtype, place.segments, path=path,
+                          legacy=_is_legacy(blob), file_dtype=place.file_dtype)
 
     _check_net(net, path, None, stored)
     net = _upgrade(net, path, None)
-    blobs = _by_layer_name(net, lambda blob: StoredBlob(
-        blob_shape(blob), *places[_place_index(blob)][1:], path=path, legacy=_is_legacy(blob)),
-        path)
+    blobs = _by_layer_name(net, stored_blob, path)
     for layer in net.layer:
         for blob in layer.blobs:
             blob.ClearField("double_diff")  # the place marker
@@ -159,7 +171,7 @@ def _by_layer_name(net: pb.NetParameter, stored, path) -> dict:
 
 def parse_caffemodel(data, path: Optional[PathLike] = None) -> pb.NetParameter:
     """:func:`read_caffemodel` for bytes (or any buffer) in memory."""
-    net = _parse_binary(data, pb.NetParameter, path, "a Caffe model (NetParameter)")
+    net, _ = _parse_net(data, path)
     if not len(net.layer) and not len(net.layers):
         raise CaffeFormatError("no layers: this is not a Caffe model (or an empty one)", path)
     _check_net(net, path, None)
@@ -233,7 +245,9 @@ def blob_shape(blob: pb.BlobProto) -> tuple:
 
 
 def blob_to_array(blob: pb.BlobProto, expected_shape=None) -> np.ndarray:
-    """The blob's data as a new array: float32 from ``data``, float64 from ``double_data``.
+    """The blob's data as a new array: float32 from ``data``, float64 from ``double_data``;
+    without either, NVCaffe's ``raw_data`` of ``raw_data_type``: FLOAT16, FLOAT, INT and UINT
+    as float32, DOUBLE as float64.
 
     Args:
         blob: a BlobProto.
@@ -248,8 +262,14 @@ def blob_to_array(blob: pb.BlobProto, expected_shape=None) -> np.ndarray:
     shape = blob_shape(blob)
     if len(blob.double_data):
         values = np.array(blob.double_data, dtype=np.float64)
-    else:
+    elif len(blob.data) or not blob.HasField("raw_data"):
         values = np.array(blob.data, dtype=np.float32)
+    else:
+        raw_type = blob.raw_data_type if blob.HasField("raw_data_type") else None
+        (file_dtype, dtype), problem = _raw_dtypes(raw_type, len(blob.raw_data))
+        if problem:
+            raise CaffeFormatError(f"the blob holds {problem}")
+        values = np.frombuffer(blob.raw_data, dtype=file_dtype).astype(dtype)
     count = math.prod(shape)
     if values.size != count:
         raise CaffeFormatError(f"the blob has shape {_fmt_shape(shape)} ({count} values) but "
@@ -270,16 +290,20 @@ class StoredBlob:
     Attributes:
         shape: the blob's shape (``shape { dim }``, else legacy num/channels/height/width).
         dtype: little-endian float32 for ``data``, float64 for ``double_data``, as the
-            file stores them (``read(out=...)`` wants exactly this dtype).
+            file stores them; for NVCaffe's ``raw_data``, float32 (FLOAT16, FLOAT, INT, UINT,
+            converted as they are read) or float64 (DOUBLE). ``read(out=...)`` wants
+            exactly this dtype.
         size: the number of values.
         legacy: the shape came from the legacy num/channels/height/width fields, which
             Caffe matches against a blob's shape padded with leading 1s to four axes.
     """
 
-    def __init__(self, shape, dtype, segments=(), path=None, array=None, legacy=False):
+    def __init__(self, shape, dtype, segments=(), path=None, array=None, legacy=False,
+                 file_dtype=None):
         self.shape = tuple(int(d) for d in shape)
         self.legacy = legacy
         self.dtype = np.dtype(dtype)
+        self._file_dtype = self.dtype if file_dtype is None else np.dtype(file_dtype)
         self.size = math.prod(self.shape)
         self._segments = list(segments)  # (file offset, bytes): a packed field may repeat
         self._path = path
@@ -310,6 +334,15 @@ class StoredBlob:
         if self._array is not None:
             out.reshape(-1)[...] = self._array.reshape(-1)
             return out
+        if self._file_dtype != self.dtype:  # NVCaffe's FLOAT16 (or integer) values
+            stored = np.empty(self.size, self._file_dtype)
+            self._read_into(stored)
+            out.reshape(-1)[...] = stored
+            return out
+        self._read_into(out)
+        return out
+
+    def _read_into(self, out: np.ndarray) -> None:
         target = memoryview(out.reshape(-1).view(np.uint8))
         with open(self._path, "rb") as file:
             at = 0
@@ -323,7 +356,6 @@ class StoredBlob:
                                                "ends early", self._path)
                     view = view[got:]
                 at += length
-        return out
 
     def __repr__(self) -> str:
         return f"StoredBlob(shape={self.shape}, dtype={self.dtype})"
@@ -363,8 +395,16 @@ def write_solver(solver: pb.SolverParameter, path: PathLike) -> None:
 
 
 def write_caffemodel(net: pb.NetParameter, path: PathLike) -> None:
-    """Write a NetParameter (with its blobs) in binary, as Caffe's .caffemodel."""
-    Path(path).write_bytes(net.SerializeToString())
+    """Write a NetParameter (with its blobs) in binary, as Caffe's .caffemodel.
+
+    Fields that our schema numbers privately (a fork's field at a number another fork
+    uses, see :mod:`.forks`) are written at their fork's number: a MarginInnerProduct
+    layer's margin_inner_product_param at SphereFace's 147, as SphereFace's Caffe reads it.
+    """
+    pieces = _canonical_pieces(net.SerializeToString())
+    with open(path, "wb") as file:
+        for piece in pieces:
+            file.write(piece)
 
 
 def write_binaryproto(blob, path: PathLike) -> None:
@@ -555,6 +595,17 @@ _UNKNOWN_ENUM_NUMBER = re.compile(r'Enum type "([\w.]+)" has no value with numbe
 _LOCATION = re.compile(r"^\d+:\d+ : (?:'.*?': )?", re.DOTALL)
 
 
+#: A file of the other kind, told by its first field the schema lacks: (its message, what
+#: it is, what was expected, what to do).
+_OTHER_KIND = {
+    "caffe.NetParameter": (pb.SolverParameter, "a solver definition (SolverParameter)",
+                           "a net", ("give the net file it names (its 'net' or 'train_net'), "
+                                     "or give the solver to 'caffelayers train'")),
+    "caffe.SolverParameter": (pb.NetParameter, "a net definition (NetParameter)", "a solver",
+                              "write a solver.prototxt whose 'net' names this file"),
+}
+
+
 def _text_error(error: text_format.ParseError, path) -> CaffeFormatError:
     """Our error for protobuf's, with its line and column and a nearest-name hint."""
     message = str(error)
@@ -566,6 +617,9 @@ def _text_error(error: text_format.ParseError, path) -> CaffeFormatError:
         known = pool.FindMessageTypeByName(type_name).fields_by_name
         detail = (f"{_short(type_name)} has no field {field!r}{nearest_name(field, known)}; "
                   "fields from other Caffe forks can be skipped with allow_unknown_fields")
+        other = _OTHER_KIND.get(type_name)
+        if other and field in other[0].DESCRIPTOR.fields_by_name:
+            detail = f"this is {other[1]}, not {other[2]} (it sets {field!r}): {other[3]}"
     match = _UNKNOWN_ENUM_NAME.search(message)
     if match:
         type_name, quote, value = match.groups()
@@ -644,25 +698,43 @@ def _parse_binary(data, message_class, path, what: str):
 
 
 class _NotCaffeLayout(Exception):
-    """The file is not laid out as Caffe writes it (or is not protobuf at all): leave it to
-    protobuf's parser, which knows every encoding and reports what is wrong."""
+    """Blob values not laid out as Caffe writes them (unpacked floats): the file is parsed
+    whole instead of having its values left in the file."""
 
 
-# Where blobs sit in a serialized net: message kind -> {field number: kind of its message}.
-_BLOB_PARENTS = {
-    "net": {100: "layer", 2: "v1"},   # NetParameter.layer, .layers (V1)
-    "layer": {7: "blob"},             # LayerParameter.blobs
-    "v1": {6: "blob", 1: "v0"},       # V1LayerParameter.blobs, .layer (V0)
-    "v0": {50: "blob"},               # V0LayerParameter.blobs
-}
+class _Malformed(Exception):
+    """The bytes break protobuf's encoding at ``offset``."""
+
+    def __init__(self, offset: int, detail: str):
+        super().__init__(detail)
+        self.offset, self.detail = offset, detail
+
+
+_LAYER = pb.LayerParameter.DESCRIPTOR
+_V1 = pb.V1LayerParameter.DESCRIPTOR
+_V0 = pb.V0LayerParameter.DESCRIPTOR
+# Where blobs sit in a serialized net: (message, field number) of a BlobProto.
+_BLOB_FIELDS = {(_LAYER.full_name, 7), (_V1.full_name, 6), (_V0.full_name, 50)}
+_WALK = forks.RELEVANT
+_WALK_STRIP = forks.RELEVANT | {_LAYER.full_name, _V1.full_name, _V0.full_name}
 _FLOAT_DATA, _FLOAT_DIFF, _DOUBLE_DATA, _DOUBLE_DIFF = 5, 6, 8, 9  # BlobProto's values
+_RAW_DATA_TYPE, _RAW_DATA, _RAW_DIFF = 10, 12, 13                  # NVCaffe's
+#: NVCaffe's raw blob types: Type -> (dtype in the file, dtype of the array read).
+_RAW_DTYPES = {
+    pb.FLOAT: ("<f4", "<f4"), pb.FLOAT16: ("<f2", "<f4"), pb.DOUBLE: ("<f8", "<f8"),
+    pb.INT: ("<i4", "<f4"), pb.UINT: ("<u4", "<f4"),
+}
+_NVCAFFE_NET = frozenset(forks.FIELD_NUMBERS[forks.NVCAFFE]["NetParameter"].values())
+_NVCAFFE_BLOB = frozenset(forks.FIELD_NUMBERS[forks.NVCAFFE]["BlobProto"].values())
 
 
-def _read_varint(data, pos: int, end: int):
-    value = shift = 0
+def _varint_at(data, pos: int, end: int):
+    start, value, shift = pos, 0, 0
     while True:
-        if pos >= end or shift > 63:
-            raise _NotCaffeLayout
+        if pos >= end:
+            raise _Malformed(start, "a number runs past the end of its message")
+        if shift > 63:
+            raise _Malformed(start, "a number longer than 10 bytes")
         byte = data[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -671,70 +743,520 @@ def _read_varint(data, pos: int, end: int):
         shift += 7
 
 
-def _strip_blob_values(data):
-    """The serialized net with every blob's values left out, and the places of the values.
+def _skip(data, number: int, wire: int, pos: int, end: int, at: int, depth: int = 0) -> tuple:
+    """``(payload start, end)`` of a field's value that starts at ``pos``."""
+    if wire == 0:
+        return pos, _varint_at(data, pos, end)[1]
+    if wire == 1:
+        return pos, pos + 8
+    if wire == 5:
+        return pos, pos + 4
+    if wire == 2:
+        length, body = _varint_at(data, pos, end)
+        return body, body + length
+    if wire == 3:  # a group: fields up to the matching end-group key
+        if depth >= 100:  # as protobuf's own recursion limit
+            raise _Malformed(at, "groups nested more than 100 deep")
+        while True:
+            if pos >= end:
+                raise _Malformed(at, f"group {number} does not end")
+            key_at = pos
+            key, pos = _varint_at(data, pos, end)
+            if key & 7 == 4:
+                if key >> 3 != number:
+                    raise _Malformed(key_at, f"group {number} ends as group {key >> 3}")
+                return pos, pos
+            _, pos = _skip(data, key >> 3, key & 7, pos, end, key_at, depth + 1)
+    raise _Malformed(at, f"field {number} has the invalid wire type {wire}")
 
-    Each blob keeps its shape and gets ``double_diff: [i]`` (a field no caffemodel needs),
-    ``i`` indexing the returned places: ``(count, dtype, [(offset, bytes), ...])``. The
-    rest of the file is copied as it is; only the messages on the way to a blob are
-    rewritten (with their new lengths).
-    """
-    places = []
-    stripped = _strip(data, 0, len(data), "net", places)
-    return bytes(stripped), places
 
-
-def _strip(data, start: int, end: int, kind: str, places: list) -> bytearray:
-    """``data[start:end]``, a message of ``kind``, rewritten by :func:`_strip_blob_values`."""
-    out = bytearray()
-    children = _BLOB_PARENTS.get(kind, {})
-    values = {_FLOAT_DATA: [], _DOUBLE_DATA: []}
+def _fields(data, start: int, end: int):
+    """``(number, wire type, key offset, value offset, payload offset, end)`` of each field
+    of the message ``data[start:end]``; the payload of a length-delimited field follows its
+    length."""
     pos = start
     while pos < end:
-        key, body = _read_varint(data, pos, end)
-        field, wire = key >> 3, key & 7
-        length = 0
-        if wire == 0:
-            _, after = _read_varint(data, body, end)
-        elif wire == 1:
-            after = body + 8
-        elif wire == 5:
-            after = body + 4
-        elif wire == 2:
-            length, body = _read_varint(data, body, end)
-            after = body + length
-        else:
-            raise _NotCaffeLayout  # groups: not in Caffe's schema
-        if after > end or field == 0:
-            raise _NotCaffeLayout
-        if kind == "blob" and field in (_FLOAT_DATA, _FLOAT_DIFF, _DOUBLE_DATA, _DOUBLE_DIFF):
-            if wire != 2:
-                raise _NotCaffeLayout  # unpacked values
-            if field in values:
-                values[field].append((body, length))
-        elif wire == 2 and field in children:
-            inner = _strip(data, body, after, children[field], places)
-            out += _varint(key) + _varint(len(inner)) + inner
-        else:
-            out += data[pos:after]
+        key, value_at = _varint_at(data, pos, end)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise _Malformed(pos, "a field numbered 0")
+        body, after = _skip(data, number, wire, value_at, end, pos)
+        if after > end:
+            raise _Malformed(pos, f"field {number} claims {after - body} bytes, past the end of "
+                                  f"its message by {after - end}")
+        yield number, wire, pos, value_at, body, after
         pos = after
-    if kind == "blob":
-        # As blob_to_array: double_data when there is any, else data.
-        if any(length for _, length in values[_DOUBLE_DATA]):
-            dtype, segments = np.dtype("<f8"), values[_DOUBLE_DATA]
+
+
+class _Layer:
+    """Where a layer is in a file and what it is called, for messages and decisions."""
+
+    __slots__ = ("index", "offset", "number", "name", "type")
+
+    def __init__(self, index: int, offset: int, number: int):
+        self.index, self.offset, self.number = index, offset, number
+        self.name = self.type = ""
+
+    def describe(self) -> str:
+        name = repr(self.name) if self.name else "(no name)"
+        return f"layer {self.index} {name}" + (f" ({self.type})" if self.type else "")
+
+
+def _text_of(data, body: int, after: int) -> str:
+    return bytes(data[body:after]).decode("utf-8", "replace")
+
+
+_CLASSES: dict = {}
+
+
+def _fits(field, wire: int, content) -> bool:
+    """Whether a field's bytes are what its declared type holds (wire types are checked
+    before)."""
+    if wire != 2:
+        return True
+    if field.message_type is not None:
+        cls = _CLASSES.get(field.message_type.full_name)
+        if cls is None:
+            cls = _CLASSES[field.message_type.full_name] = \
+                message_factory.GetMessageClass(field.message_type)
+        try:
+            cls.FromString(bytes(content))
+        except (DecodeError, RuntimeError, ValueError):
+            return False
+        return True
+    if field.type == field.TYPE_STRING:
+        try:
+            bytes(content).decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+class _NetReader:
+    """A serialized NetParameter cut into pieces that protobuf parses with our schema.
+
+    Fields that Caffe forks number otherwise are renumbered to our schema's numbers, as
+    :func:`forks.decide` rules (by the layer's type, or the fork the net comes from); fields
+    nothing fits keep their number, or move to ``forks.UNKNOWN_BASE + number`` where that
+    number is another field of ours, and stay unknown. Only the messages on the way to such
+    a field are rewritten; the rest of the file is handed to protobuf as it is.
+
+    With ``strip``, every blob also loses its values: it keeps its shape and gets
+    ``double_diff: [i]`` (a field no caffemodel needs), ``i`` indexing :attr:`places`.
+    """
+
+    def __init__(self, data, strip: bool = False):
+        self.data = data
+        self.strip = strip
+        self.places: list = []
+        self.where: Optional[_Layer] = None   # the layer being read, for errors
+        self._walk = _WALK_STRIP if strip else _WALK
+
+    def top(self) -> list:
+        """The fields of the net (``_fields``' tuples), its layers found (:attr:`layers`)."""
+        data, end = self.data, len(self.data)
+        top = []
+        try:
+            for field in _fields(data, 0, end):
+                top.append(field)
+        except _Malformed as error:
+            count = sum(1 for number, wire, *_ in top if wire == 2 and number in (100, 2))
+            self.where = self._partial(error.offset, count)
+            raise
+        return top
+
+    def net_fork(self, top) -> Optional[str]:
+        """The fork whose Caffe wrote the net (:func:`forks.net_fork`); fills :attr:`layers`
+        (``{offset of a layer field: _Layer}``)."""
+        signals, layers = [], {}
+        for number, wire, at, _, body, after in top:
+            if wire == 2 and number in (100, 2):
+                layers[at] = self._scan(number, at, body, after, len(layers), signals)
+            elif number in _NVCAFFE_NET:
+                signals.append((forks.NVCAFFE,))
+        self.where = None
+        self.layers = layers
+        return forks.net_fork(signals)
+
+    def pieces(self):
+        """``[(start, end, bytes, layer or None)]``: consecutive pieces of the message,
+        each the original ``data[start:end]`` or a rewritten top-level field."""
+        data, end = self.data, len(self.data)
+        top = self.top()
+        fork = self.net_fork(top)
+        tiers = (frozenset({fork}),) if fork else ()
+        layers = self.layers
+        out, run = [], 0
+        for number, _, at, _, body, after in top:
+            layer = layers.get(at)
+            if layer is None:
+                continue
+            self.where = layer
+            if number == 100:
+                new = self._message(_LAYER, body, after, tiers, layer.type)
+            elif _V1.full_name in self._walk:
+                new = self._message(_V1, body, after, tiers, None)
+            else:
+                new = None
+            if new is not None:
+                if run < at:
+                    out.append((run, at, data[run:at], None))
+                out.append((at, after, bytes(_varint((number << 3) | 2) + _varint(len(new)))
+                            + new, layer))
+                run = after
+        self.where = None
+        if run < end:
+            out.append((run, end, data[run:end], None))
+        return out
+
+    def _partial(self, at: int, index: int) -> Optional[_Layer]:
+        """The layer whose key is at ``at`` in a file that ends (or breaks) inside it, with
+        the name and type that can still be read."""
+        data, end = self.data, len(self.data)
+        try:
+            key, pos = _varint_at(data, at, end)
+            if key not in ((100 << 3) | 2, (2 << 3) | 2):
+                return None
+            length, start = _varint_at(data, pos, end)
+        except _Malformed:
+            return None
+        layer = _Layer(index, at, key >> 3)
+        name_field, type_field = (1, 2) if layer.number == 100 else (4, 5)
+        try:
+            for field, wire, _, _, body, after in _fields(data, start,
+                                                          min(start + length, end)):
+                if field == name_field and wire == 2:
+                    layer.name = _text_of(data, body, after)
+                elif field == type_field and wire == 2 and layer.number == 100:
+                    layer.type = _text_of(data, body, after)
+        except _Malformed:
+            pass
+        return layer
+
+    def _scan(self, number: int, at: int, start: int, end: int, index: int, signals) -> _Layer:
+        """A layer's name and type, and what it shows of its fork."""
+        data = self.data
+        layer = _Layer(index, at, number)
+        self.where = layer
+        fields = list(_fields(data, start, end))
+        name_field, type_field = (1, 2) if number == 100 else (4, 5)
+        for field, wire, _, value_at, body, after in fields:
+            if field == name_field and wire == 2:
+                layer.name = _text_of(data, body, after)
+            elif field == type_field and number == 100 and wire == 2:
+                layer.type = _text_of(data, body, after)
+            elif field == type_field and wire == 0:
+                layer.type = V1_TYPE_NAMES.get(_varint_at(data, value_at, after)[0], "")
+        _layer_signals(data, layer.type, [(f[0], f[1], f[4], f[5]) for f in fields]
+                        if number == 100 else (), signals)
+        return layer
+
+    def _message(self, descriptor, start: int, end: int, tiers, layer_type):
+        """The message ``data[start:end]`` rewritten, or ``None`` if nothing changes."""
+        data = self.data
+        claims = forks.CLAIMS.get(descriptor.full_name, {})
+        out, copied = None, start
+        for number, wire, at, value_at, body, after in _fields(data, start, end):
+            target, claim, new_body, new_value = number, None, None, None
+            if number in claims:
+                claim = forks.decide(claims[number], wire,
+                                     layer_type if descriptor is _LAYER else None, tiers)
+                target = claim.target.number if claim is not None \
+                    else _unknown_number(descriptor, number)
+                field = claim.target if claim is not None else None
+            else:
+                field = descriptor.fields_by_number.get(number)
+            if wire == 2 and field is not None and field.message_type is not None:
+                if self.strip and (descriptor.full_name, target) in _BLOB_FIELDS:
+                    new_body = self._blob(body, after)
+                elif field.message_type.full_name in self._walk:
+                    inner = tiers
+                    if claim is not None and forks.BVLC not in claim.forks:
+                        inner = (claim.forks,) + tiers
+                    try:
+                        new_body = self._message(field.message_type, body, after, inner, None)
+                    except _Malformed:
+                        if claim is None:
+                            raise
+                        claim = None  # not this field's bytes: kept unknown below
+            if number in claims and claim is None:
+                target, new_body = _unknown_number(descriptor, number), None
+            elif claim is not None:
+                content = new_body if new_body is not None else data[body:after]
+                if not _fits(claim.target, wire, content):
+                    target, new_body = _unknown_number(descriptor, number), None
+                elif claim.values and wire == 0:
+                    value = _varint_at(data, value_at, after)[0]
+                    mapped = dict(claim.values).get(value, value)
+                    if mapped != value:
+                        new_value = mapped
+            if target == number and new_body is None and new_value is None:
+                continue
+            if out is None:
+                out = bytearray()
+            out += data[copied:at]
+            out += _varint((target << 3) | wire)
+            if new_value is not None:
+                out += _varint(new_value)
+            elif new_body is not None:
+                out += _varint(len(new_body))
+                out += new_body
+            else:
+                out += data[value_at:after]
+            copied = after
+        if out is None:
+            return None
+        out += data[copied:end]
+        return out
+
+    def _blob(self, start: int, end: int) -> bytearray:
+        """A BlobProto without its values, and the place of its values."""
+        data = self.data
+        out = bytearray()
+        segments = {_FLOAT_DATA: [], _DOUBLE_DATA: [], _RAW_DATA: []}
+        raw_type = None
+        for number, wire, at, value_at, body, after in _fields(data, start, end):
+            if number in (_FLOAT_DATA, _FLOAT_DIFF, _DOUBLE_DATA, _DOUBLE_DIFF, _RAW_DATA,
+                          _RAW_DIFF):
+                if wire != 2:
+                    raise _NotCaffeLayout  # unpacked values
+                if number == _RAW_DATA:  # bytes: the last one counts
+                    segments[_RAW_DATA] = [(body, after - body)]
+                elif number in segments:
+                    segments[number].append((body, after - body))
+                continue
+            if number == _RAW_DATA_TYPE and wire == 0:
+                raw_type = _varint_at(data, value_at, after)[0]
+            out += data[at:after]
+        # As blob_to_array: double_data if there is any, else data, else NVCaffe's raw_data.
+        problem = None
+        if any(length for _, length in segments[_DOUBLE_DATA]):
+            dtypes, chosen = ("<f8", "<f8"), segments[_DOUBLE_DATA]
+        elif any(length for _, length in segments[_FLOAT_DATA]) or not segments[_RAW_DATA]:
+            dtypes, chosen = ("<f4", "<f4"), segments[_FLOAT_DATA]
         else:
-            dtype, segments = np.dtype("<f4"), values[_FLOAT_DATA]
-        total = sum(length for _, length in segments)
-        if total % dtype.itemsize:
+            chosen = segments[_RAW_DATA]
+            dtypes, problem = _raw_dtypes(raw_type, chosen[0][1])
+        file_dtype = np.dtype(dtypes[0])
+        total = sum(length for _, length in chosen)
+        if problem is None and total % file_dtype.itemsize:
             raise _NotCaffeLayout
-        marker = np.array([len(places)], "<f8").tobytes()
-        places.append((total // dtype.itemsize, dtype, segments))
+        marker = np.array([len(self.places)], "<f8").tobytes()
+        self.places.append(_Place(problem or total // file_dtype.itemsize, file_dtype,
+                                  np.dtype(dtypes[1]), chosen))
         out += _varint((_DOUBLE_DIFF << 3) | 2) + _varint(len(marker)) + marker
-    return out
+        return out
+
+    def locate(self, start: int, end: int, piece, layer: Optional[_Layer]):
+        """``(byte offset, layer or None)`` of the field protobuf refused in a piece."""
+        data = self.data
+        if layer is None:
+            for _, _, at, _, _, after in _fields(data, start, end):
+                if not _parses(pb.NetParameter, data[at:after]):
+                    layer = self.layers.get(at)
+                    if layer is None:
+                        return at, None
+                    start, end, piece = at, after, data[at:after]
+                    break
+            else:
+                return start, None
+        # The piece is one layer, as in the file or rewritten field for field.
+        cls = pb.LayerParameter if layer.number == 100 else pb.V1LayerParameter
+        inner = list(_fields(piece, 0, len(piece)))[0]
+        original = list(_fields(data, start, end))[0]
+        rewritten = list(_fields(piece, inner[4], inner[5]))
+        for k, (_, _, at, _, _, after) in enumerate(rewritten):
+            if not _parses(cls, piece[at:after]):
+                fields = list(_fields(data, original[4], original[5]))
+                return (fields[k][2] if k < len(fields) else start), layer
+        return start, layer
+
+
+def _layer_signals(data, layer_type: str, fields, signals: list) -> None:
+    """What a layer shows of the fork that wrote it: its type, the fork fields it is read
+    with, NVCaffe's raw blobs. ``fields``: ``(number, wire type, payload start, end)``."""
+    if layer_type in forks.TYPE_FORKS:
+        signals.append(forks.signal_forks(forks.TYPE_FORKS[layer_type]))
+    claims = forks.CLAIMS[_LAYER.full_name]
+    for number, wire, body, after in fields:
+        if number in claims:
+            claim = forks.decide(claims[number], wire, layer_type, ())
+            if claim is not None and forks.BVLC not in claim.forks:
+                signals.append(forks.signal_forks(claim.forks))
+        elif number == 7 and wire == 2 and any(
+                n in _NVCAFFE_BLOB for n, *_ in _fields(data, body, after)):
+            signals.append((forks.NVCAFFE,))
+
+
+class _Place:
+    """Where a blob's values are in the file: ``count`` values (or a problem) of
+    ``file_dtype`` in ``segments``, read as ``dtype``."""
+
+    __slots__ = ("count", "file_dtype", "dtype", "segments")
+
+    def __init__(self, count, file_dtype, dtype, segments):
+        self.count, self.file_dtype, self.dtype, self.segments = \
+            count, file_dtype, dtype, segments
+
+
+def _raw_dtypes(raw_type, length: int):
+    """``((file dtype, array dtype), problem)`` of NVCaffe raw values."""
+    if raw_type is None:
+        return ("<f4", "<f4"), "raw_data without raw_data_type"
+    if raw_type not in _RAW_DTYPES:
+        name = pb.Type.Name(raw_type) if raw_type in pb.Type.values() else str(raw_type)
+        return ("<f4", "<f4"), (f"raw_data of type {name}, which Caffe cannot read (allowed: "
+                                f"{', '.join(pb.Type.Name(t) for t in _RAW_DTYPES)})")
+    dtypes = _RAW_DTYPES[raw_type]
+    if length % np.dtype(dtypes[0]).itemsize:
+        return dtypes, (f"raw_data of {length} bytes is not a whole number of "
+                        f"{pb.Type.Name(raw_type)} values")
+    return dtypes, None
+
+
+def _unknown_number(descriptor, number: int) -> int:
+    """Where an unknown field is kept: its number, unless that is one of our fields."""
+    if number in descriptor.fields_by_number:
+        return forks.UNKNOWN_BASE + number
+    return number
+
+
+def _parses(cls, data) -> bool:
+    try:
+        cls().MergeFromString(data)
+    except (DecodeError, RuntimeError, ValueError):
+        return False
+    return True
+
+
+def _parse_net(data, path, strip: bool = False):
+    """A NetParameter from a caffemodel's bytes, fork fields read by :class:`_NetReader`;
+    and the places of the blob values when they are ``strip``-ped."""
+    what = "a Caffe model (NetParameter)"
+    if not len(data):
+        raise CaffeFormatError(f"the file is empty, not {what}", path)
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    reader = _NetReader(view, strip)
+    try:
+        pieces = reader.pieces()
+    except _Malformed as error:
+        raise CaffeFormatError(_not_parsed(what, error.detail, error.offset, reader.where),
+                               path) from None
+    net = pb.NetParameter()
+    for start, end, piece, layer in pieces:
+        try:
+            net.MergeFromString(piece)
+        except (DecodeError, RuntimeError, ValueError) as error:
+            try:
+                offset, layer = reader.locate(start, end, piece, layer)
+            except _Malformed:
+                offset = start
+            raise CaffeFormatError(_not_parsed(what, str(error), offset, layer), path) \
+                from None
+    return net, reader.places
+
+
+def _not_parsed(what: str, detail: str, offset: int, layer: Optional[_Layer]) -> str:
+    where = f"; the parse stopped at byte {offset}"
+    if layer is not None:
+        where += f", in {layer.describe()} (which starts at byte {layer.offset})"
+    return (f"not {what}: the bytes do not parse as protobuf ({detail}){where}; truncated "
+            "or another kind of file?")
 
 
 def _place_index(blob: pb.BlobProto) -> int:
     return int(blob.double_diff[0])
+
+
+def _canonical_pieces(data) -> list:
+    """A serialized NetParameter with every field at the number a Caffe fork reads it at
+    (:func:`forks.write_number`, :func:`forks.nested_write_number`; unknown fields at their
+    own numbers): pieces to write one after the other.
+
+    The fork whose numbers the net's other messages take is the one a reader will guess
+    from the written file: the guess is made on the layers' written numbers."""
+    view = memoryview(data)
+    top = list(_fields(view, 0, len(view)))
+    signals = []
+    for number, wire, _, _, body, after in top:
+        if wire == 2 and number == 100:
+            layer_type, fields = "", []
+            for field, field_wire, _, _, field_body, field_end in _fields(view, body, after):
+                target = _layer_target(view, field, field_wire, field_body, field_end)[0]
+                fields.append((target, field_wire, field_body, field_end))
+                if field == 2 and field_wire == 2:
+                    layer_type = _text_of(view, field_body, field_end)
+            _layer_signals(view, layer_type, fields, signals)
+        elif number in _NVCAFFE_NET:
+            signals.append((forks.NVCAFFE,))
+    fork = forks.net_fork(signals)
+    out, run = [], 0
+    for number, wire, at, _, body, after in top:
+        if wire != 2 or number not in (100, 2):
+            continue
+        new = _canonical(_LAYER if number == 100 else _V1, view, body, after, fork)
+        if new is not None:
+            out.append(view[run:at])
+            out.append(bytes(_varint((number << 3) | 2) + _varint(len(new))) + new)
+            run = after
+    out.append(view[run:])
+    return out
+
+
+def _layer_target(data, number: int, wire: int, body: int, after: int):
+    """``(number to write, forks numbering it so)`` for a LayerParameter field."""
+    if forks.UNKNOWN_BASE <= number < forks.PRIVATE_BASE:
+        return number - forks.UNKNOWN_BASE, frozenset()
+    field = _LAYER.fields_by_number.get(number)
+    if field is None:
+        return number, frozenset()
+    nested = ()
+    if wire == 2 and field.message_type is not None and field.name in forks.PARAM_TYPES:
+        nested = [n for n, *_ in _fields(data, body, after)]
+    return forks.write_number(field, nested)
+
+
+def _canonical(descriptor, data, start: int, end: int, fork: Optional[str]):
+    """``data[start:end]`` (a ``descriptor`` message) renumbered for writing in a net (or
+    inside a fork field) of ``fork``, or ``None`` if nothing changes."""
+    out, copied = None, start
+    for number, wire, at, value_at, body, after in _fields(data, start, end):
+        target, new_body, new_value, inner = number, None, None, fork
+        field = descriptor.fields_by_number.get(number)
+        if descriptor is _LAYER:
+            target, numbering = _layer_target(data, number, wire, body, after)
+            if numbering and fork not in numbering:
+                inner = min(numbering, key=forks.FORK_ORDER.__getitem__)
+        elif forks.UNKNOWN_BASE <= number < forks.PRIVATE_BASE:
+            target = number - forks.UNKNOWN_BASE
+        elif field is not None:
+            target = forks.nested_write_number(descriptor.name, field, fork)
+            values = forks.WRITE_VALUES.get((fork, descriptor.name, field.name))
+            if values and wire == 0:
+                value = _varint_at(data, value_at, after)[0]
+                if values.get(value, value) != value:
+                    new_value = values[value]
+        if field is not None and wire == 2 and field.message_type is not None \
+                and field.message_type.full_name in _WALK:
+            new_body = _canonical(field.message_type, data, body, after, inner)
+        if target == number and new_body is None and new_value is None:
+            continue
+        if out is None:
+            out = bytearray()
+        out += data[copied:at]
+        out += _varint((target << 3) | wire)
+        if new_value is not None:
+            out += _varint(new_value)
+        elif new_body is not None:
+            out += _varint(len(new_body))
+            out += new_body
+        else:
+            out += data[value_at:after]
+        copied = after
+    if out is None:
+        return None
+    out += data[copied:end]
+    return out
 
 
 def _looks_like_text(data) -> bool:
@@ -834,13 +1356,24 @@ def _check_blob(blob: pb.BlobProto, what: str, path, where=None, stored=None) ->
     shape = blob_shape(blob)
     _check_dims(shape, what, path, where)
     count = math.prod(shape)
-    if stored is not None:
-        stored = stored(blob)
-    else:
-        stored = len(blob.double_data) if len(blob.double_data) else len(blob.data)
+    stored = stored(blob) if stored is not None else _stored_count(blob)
+    if isinstance(stored, str):
+        raise CaffeFormatError(f"{what}: {stored}", path, *(where or (None, None)))
     if stored != count:
         raise CaffeFormatError(f"{what}: shape {_fmt_shape(shape)} needs {count} values but "
                                f"the file holds {stored}", path, *(where or (None, None)))
+
+
+def _stored_count(blob: pb.BlobProto):
+    """How many values a blob holds (as :func:`blob_to_array` reads them), or what is wrong
+    with its NVCaffe raw values."""
+    if len(blob.double_data):
+        return len(blob.double_data)
+    if len(blob.data) or not blob.HasField("raw_data"):
+        return len(blob.data)
+    raw_type = blob.raw_data_type if blob.HasField("raw_data_type") else None
+    (file_dtype, _), problem = _raw_dtypes(raw_type, len(blob.raw_data))
+    return problem or len(blob.raw_data) // np.dtype(file_dtype).itemsize
 
 
 def _is_legacy(blob: pb.BlobProto) -> bool:
