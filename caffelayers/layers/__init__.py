@@ -19,6 +19,9 @@ from . import scale_bias  # noqa: F401  Scale, Bias
 from . import softmax  # noqa: F401
 from . import embed  # noqa: F401
 from . import accuracy  # noqa: F401
+from . import segmentation, mobile  # noqa: F401  Upsample, Interp, BN; ShuffleChannel, ...
+from . import ssd  # noqa: F401  Normalize, Permute, PriorBox, DetectionOutput (the SSD fork)
+from . import roi  # noqa: F401  ROIPooling, PSROIPooling, Proposal (Faster R-CNN, R-FCN)
 from .margin_inner_product import MarginInnerProduct  # noqa: F401
 from .margin_head import MarginHead  # noqa: F401  A-Softmax, AM-Softmax/CosFace, ArcFace, combined
 

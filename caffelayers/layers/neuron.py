@@ -1,6 +1,7 @@
 """Caffe's neuron layers: one bottom, one top of the same shape, applied elementwise.
 
-ReLU, PReLU, ELU, Sigmoid, TanH, AbsVal, BNLL, Power, Exp, Log, Threshold and Dropout.
+ReLU, PReLU, ELU, Sigmoid, TanH, AbsVal, BNLL, Power, Exp, Log, Threshold and Dropout, and
+BVLC's later Clip and Swish.
 Autograd's gradient is Caffe's for most of them, including the value chosen at the kinks
 (``x = 0``). Two use a ``torch.autograd.Function``: Power, whose Caffe backward divides by
 the base (NaN where it is 0), and BNLL, whose overflow-safe forward would give autograd a
@@ -397,8 +398,11 @@ class Exp(NeuronLayer):
         self.scale = float(scale)
         self.shift = float(shift)
         self.inner_scale = _check_base(self.base, "Exp") * self.scale
-        self.outer_scale = math.exp(self.shift) if self.base == -1 else math.pow(self.base,
-                                                                                 self.shift)
+        try:
+            self.outer_scale = math.exp(self.shift) if self.base == -1 else \
+                math.pow(self.base, self.shift)
+        except OverflowError:  # Caffe's float pow/exp saturates there: every output is inf
+            self.outer_scale = math.inf
 
     @classmethod
     def from_caffe(cls, param, bottom_shapes, ctx: BuildContext) -> "Exp":
@@ -504,52 +508,139 @@ class Threshold(NeuronLayer):
 class Dropout(NeuronLayer):
     """Zeroes each element with probability ``dropout_ratio`` while training.
 
-    Training: ``y = x * mask / (1 - dropout_ratio)``, ``mask ~ Bernoulli(1 - dropout_ratio)``.
-    Evaluation: ``y = x``.
+    With ``scale_train`` (Caffe's only behaviour): training
+    ``y = x * mask / (1 - dropout_ratio)``, ``mask ~ Bernoulli(1 - dropout_ratio)``;
+    evaluation ``y = x``. Without it (Faster R-CNN's fork): training ``y = x * mask``,
+    evaluation ``y = x * (1 - dropout_ratio)``.
 
     Args:
         dropout_ratio: the probability of dropping an element, in ``[0, 1)``.
         generator: the random source of the masks (the global one when None).
+        scale_train: scale kept units at training time (True) or all units at test time.
 
     Shape:
         - Input: any shape.
         - Output: the input's shape.
 
-    Caffe: ``dropout_param { dropout_ratio }``. Caffe drops only in the TRAIN phase, which
-    :meth:`from_caffe` turns into the module's training mode (``module.train()`` and
-    ``module.eval()`` switch it later). Kept units are scaled by ``1 / (1 - ratio)`` at
-    training time, so evaluation is the identity. The masks cannot match Caffe's own
-    random numbers.
+    Caffe: ``dropout_param { dropout_ratio scale_train }``; ``scale_train`` is
+    caffe-fast-rcnn's field (py-faster-rcnn's ZF and VGG16 test nets set it false). Caffe
+    drops only in the TRAIN phase, which :meth:`from_caffe` turns into the module's training
+    mode (``module.train()`` and ``module.eval()`` switch it later). The masks cannot match
+    Caffe's own random numbers.
     """
 
-    __constants__ = ["dropout_ratio"]
+    __constants__ = ["dropout_ratio", "scale_train"]
 
-    def __init__(self, dropout_ratio: float = 0.5, generator: Optional[torch.Generator] = None):
+    def __init__(self, dropout_ratio: float = 0.5, generator: Optional[torch.Generator] = None,
+                 scale_train: bool = True):
         super().__init__()
         if not 0.0 <= dropout_ratio < 1.0:
             raise UnsupportedParameterError(
                 f"Dropout: dropout_ratio {dropout_ratio} is not allowed; it must lie in [0, 1)")
         self.dropout_ratio = float(dropout_ratio)
         self.generator = generator
+        self.scale_train = bool(scale_train)
 
     @classmethod
     def from_caffe(cls, param, bottom_shapes, ctx: BuildContext) -> "Dropout":
+        p = param.dropout_param
         with naming_layer(param):
-            layer = cls(param.dropout_param.dropout_ratio, ctx.generator)
+            layer = cls(p.dropout_ratio, ctx.generator, p.scale_train)
         layer.train(ctx.phase == "TRAIN")
         return layer
+
+    @property
+    def test_scale(self) -> float:
+        """The factor of the evaluation phase: 1, or ``1 - ratio`` without ``scale_train``."""
+        return 1.0 if self.scale_train else 1.0 - self.dropout_ratio
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             # A new tensor object, so that the top's gradient can be read apart from the bottom's.
-            return x.view_as(x)
+            return x.view_as(x) if self.scale_train else x * self.test_scale
         if self.generator is None:
             uniform = torch.rand(x.shape, dtype=x.dtype, device=x.device)
         else:
             uniform = torch.rand(x.shape, dtype=x.dtype, device=self.generator.device,
                                  generator=self.generator).to(x.device)
         keep = (uniform < 1.0 - self.dropout_ratio).to(x.dtype)
-        return x * (keep / (1.0 - self.dropout_ratio))
+        return x * (keep / (1.0 - self.dropout_ratio)) if self.scale_train else x * keep
 
     def extra_repr(self) -> str:
-        return f"dropout_ratio={self.dropout_ratio}"
+        return f"dropout_ratio={self.dropout_ratio}" + \
+            ("" if self.scale_train else ", scale_train=False")
+
+
+@register_layer("Clip")
+class Clip(NeuronLayer):
+    r"""Clamps to an interval: :math:`y = \max(\mathrm{min}, \min(x, \mathrm{max}))`.
+
+    Args:
+        min: the lower bound.
+        max: the upper bound.
+
+    Shape:
+        - Input: any shape.
+        - Output: the input's shape.
+
+    Caffe: ``clip_param { min max }``, both required (BVLC Caffe after 1.0). The gradient
+    passes where :math:`\mathrm{min} \le x \le \mathrm{max}`, both ends included, as
+    Caffe's. Caffe does not check ``min <= max``; with ``min > max`` every output is
+    ``min`` (the order of Caffe's max and min, kept here) with zero gradient. A NaN input
+    stays NaN here (Caffe's CPU loop turns it into ``min``).
+    """
+
+    __constants__ = ["min", "max"]
+
+    def __init__(self, min: float, max: float):  # Caffe's field names
+        super().__init__()
+        self.min = float(min)
+        self.max = float(max)
+
+    @classmethod
+    def from_caffe(cls, param, bottom_shapes, ctx: BuildContext) -> "Clip":
+        p = param.clip_param
+        missing = [name for name in ("min", "max") if not p.HasField(name)]
+        if missing:
+            raise UnsupportedParameterError(
+                f"layer {param.name!r} (Clip): clip_param needs {' and '.join(missing)} (both "
+                "are required)")
+        return cls(p.min, p.max)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(max=self.max).clamp(min=self.min)
+
+    def extra_repr(self) -> str:
+        return f"min={self.min}, max={self.max}"
+
+
+@register_layer("Swish")
+class Swish(NeuronLayer):
+    r"""Swish: :math:`y = x\,\sigma(\beta x)`.
+
+    Args:
+        beta: scales the sigmoid's input (1 gives SiLU).
+
+    Shape:
+        - Input: any shape.
+        - Output: the input's shape.
+
+    Caffe: ``swish_param { beta }`` (BVLC Caffe after 1.0, default 1). Caffe's backward,
+    :math:`dy\,(\beta y + \sigma(\beta x)(1 - \beta y))`, is the true derivative.
+    """
+
+    __constants__ = ["beta"]
+
+    def __init__(self, beta: float = 1.0):
+        super().__init__()
+        self.beta = float(beta)
+
+    @classmethod
+    def from_caffe(cls, param, bottom_shapes, ctx: BuildContext) -> "Swish":
+        return cls(param.swish_param.beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x * self.beta if self.beta != 1.0 else x)
+
+    def extra_repr(self) -> str:
+        return "" if self.beta == 1.0 else f"beta={self.beta}"

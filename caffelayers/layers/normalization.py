@@ -1,13 +1,19 @@
-"""Caffe's normalization layers: ``BatchNorm`` (statistics only, no affine) and ``MVN``."""
+"""Caffe's normalization layers: ``BatchNorm`` (statistics only, or NVCaffe's with a scale and
+shift) and ``MVN``."""
 
 from __future__ import annotations
 
 from typing import List, Sequence
 
 import torch
+from torch import nn
 
+from .. import fillers
 from ..registry import register_layer
 from .base import BuildContext, CaffeLayer, Shape, count
+
+#: NVCaffe's floor on BatchNorm's eps (cuDNN's CUDNN_BN_MIN_EPSILON).
+NVCAFFE_MIN_EPS = 1e-5
 
 
 def _is_default(value: float, default: float) -> bool:
@@ -24,14 +30,17 @@ class BatchNorm(CaffeLayer):
 
     with :math:`\mu_c, \sigma^2_c` the batch statistics of channel ``c`` over the batch and
     every spatial position (``use_global_stats=False``), or the stored ones
-    (``use_global_stats=True``). There is no learned scale or shift: Caffe puts those in a
-    separate ``Scale`` layer.
+    (``use_global_stats=True``). There is no learned scale or shift in BVLC Caffe, which puts
+    those in a separate ``Scale`` layer; NVCaffe's ``scale_bias`` adds them to the layer:
+    :math:`y = \gamma_c \hat x + \beta_c`.
 
     Args:
         channels: the size of axis 1.
         eps: added to the variance before the square root.
         moving_average_fraction: how much of the running sums each batch keeps.
         use_global_stats: normalize with the stored statistics instead of the batch's.
+        scale_bias: NVCaffe's layer: a learned scale and shift per channel, and NVCaffe's
+            statistics rules (below).
 
     Shape:
         - Input: :math:`(N, C, *)`, two axes or more.
@@ -42,7 +51,9 @@ class BatchNorm(CaffeLayer):
         variance_sum: buffer ``(C,)``, Caffe's blob 1: the decayed sum of unbiased batch
             variances.
         scale_factor: buffer ``(1,)``, Caffe's blob 2: the decayed count the sums divide by.
-        running_mean, running_var: the stored statistics, ``sum / scale_factor``.
+        running_mean, running_var: the stored statistics, ``sum / scale_factor`` (the blobs
+            themselves with ``scale_bias``).
+        weight, bias: ``(C,)``, NVCaffe's blobs 3 and 4 with ``scale_bias``; else None.
 
     Caffe: ``batch_norm_param { use_global_stats moving_average_fraction eps }``.
     ``use_global_stats`` defaults to ``phase == TEST``. The stored statistics are
@@ -51,29 +62,65 @@ class BatchNorm(CaffeLayer):
     ``s = s * maf + 1``, ``blob0 = blob0 * maf + mean``, ``blob1 = blob1 * maf + m/(m-1) var``
     with ``m = count / C`` (the bias correction). The normalizing variance is the biased
     one. The three blobs are buffers here (Caffe pins their ``lr_mult`` to 0).
+
+    NVCaffe (NVIDIA/caffe 0.17): ``batch_norm_param { scale_bias scale_filler bias_filler }``;
+    either filler alone also turns ``scale_bias`` on. The blobs are then mean, variance,
+    NVCaffe's "variance correction" (``(1,)``, always 1, never read), scale and shift, the
+    fillers defaulting to 1 and 0. NVCaffe's forward differs from BVLC's and is followed
+    when ``scale_bias`` is on: the stored statistics are blobs 0 and 1 themselves, ``eps`` is
+    at least 1e-5, the phase alone chooses the statistics (``use_global_stats`` is not
+    read), and each TRAIN forward stores ``blob = maf * blob + (1 - maf) * batch`` with the
+    biased batch variance, the first two forwards copying the batch's statistics instead
+    (NVCaffe's CPU rule; its cuDNN engine keeps the unbiased variance). The scale's and
+    shift's gradients are ``sum(dy * x_hat)`` and ``sum(dy)``.
     """
 
-    __constants__ = ["channels", "eps", "moving_average_fraction", "use_global_stats"]
+    __constants__ = ["channels", "eps", "moving_average_fraction", "use_global_stats",
+                     "scale_bias"]
 
     def __init__(self, channels: int, eps: float = 1e-5, moving_average_fraction: float = 0.999,
-                 use_global_stats: bool = False):
+                 use_global_stats: bool = False, scale_bias: bool = False):
         super().__init__()
         self.channels = int(channels)
         self.eps = float(eps)
         self.moving_average_fraction = float(moving_average_fraction)
         self.use_global_stats = bool(use_global_stats)
+        self.scale_bias = bool(scale_bias)
         self.register_buffer("mean_sum", torch.zeros(self.channels))
         self.register_buffer("variance_sum", torch.zeros(self.channels))
-        self.register_buffer("scale_factor", torch.zeros(1))
+        self.register_buffer("scale_factor", torch.zeros(1) if not self.scale_bias
+                             else torch.ones(1))
+        if self.scale_bias:
+            self.weight = nn.Parameter(torch.ones(self.channels))
+            self.bias = nn.Parameter(torch.zeros(self.channels))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        # NVCaffe's per-layer forward count (iter_): its first two TRAIN forwards copy.
+        self.train_forwards = 0
 
     @classmethod
     def from_caffe(cls, param, bottom_shapes: Sequence[Shape], ctx: BuildContext) -> "BatchNorm":
         p = param.batch_norm_param
         shape = bottom_shapes[0]
         channels = shape[1] if len(shape) > 1 else 1  # output_shapes rejects 1-axis bottoms
-        use_global = p.use_global_stats if p.HasField("use_global_stats") else ctx.phase == "TEST"
-        return cls(channels, eps=p.eps, moving_average_fraction=p.moving_average_fraction,
-                   use_global_stats=use_global)
+        given = {field.name for field, _ in p.ListFields()}
+        scale_bias = ("scale_bias" in given and p.scale_bias) or "scale_filler" in given or \
+            "bias_filler" in given
+        if not scale_bias:
+            use_global = (p.use_global_stats if p.HasField("use_global_stats")
+                          else ctx.phase == "TEST")
+            return cls(channels, eps=p.eps, moving_average_fraction=p.moving_average_fraction,
+                       use_global_stats=use_global)
+        # NVCaffe: the phase decides, and eps has cuDNN's floor.
+        layer = cls(channels, eps=max(p.eps, NVCAFFE_MIN_EPS),
+                    moving_average_fraction=p.moving_average_fraction,
+                    use_global_stats=ctx.phase == "TEST", scale_bias=True)
+        # Without a filler NVCaffe starts the scale at 1 and the shift at 0, as __init__ does.
+        for blob, name in ((layer.weight, "scale_filler"), (layer.bias, "bias_filler")):
+            if ctx.fill and name in given:
+                fillers.fill(blob, getattr(p, name), ctx.generator, param.name)
+        return layer
 
     def output_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:
         shape = bottom_shapes[0]
@@ -85,10 +132,14 @@ class BatchNorm(CaffeLayer):
 
     @property
     def running_mean(self) -> torch.Tensor:
+        if self.scale_bias:
+            return self.mean_sum
         return self.mean_sum * self._inverse_scale_factor()
 
     @property
     def running_var(self) -> torch.Tensor:
+        if self.scale_bias:
+            return self.variance_sum
         return self.variance_sum * self._inverse_scale_factor()
 
     def _inverse_scale_factor(self) -> torch.Tensor:
@@ -108,8 +159,25 @@ class BatchNorm(CaffeLayer):
             reduce_axes = [0] + list(range(2, x.dim()))
             mean = x.mean(dim=reduce_axes)
             var = (x - mean.view(per_channel)).square().mean(dim=reduce_axes)
-            self._accumulate(mean.detach(), var.detach(), x.numel() // self.channels)
-        return (x - mean.view(per_channel)) / torch.sqrt(var + self.eps).view(per_channel)
+            if self.scale_bias:
+                self._nvcaffe_accumulate(mean.detach(), var.detach())
+            else:
+                self._accumulate(mean.detach(), var.detach(), x.numel() // self.channels)
+        top = (x - mean.view(per_channel)) / torch.sqrt(var + self.eps).view(per_channel)
+        if self.scale_bias:
+            top = top * self.weight.view(per_channel) + self.bias.view(per_channel)
+        return top
+
+    @torch.no_grad()
+    def _nvcaffe_accumulate(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        maf = self.moving_average_fraction
+        for stored, batch in ((self.mean_sum, mean), (self.variance_sum, var)):
+            batch = batch.to(stored.dtype)
+            if self.train_forwards > 1:
+                stored.mul_(maf).add_(batch * (1.0 - maf))
+            else:
+                stored.copy_(batch)
+        self.train_forwards += 1
 
     @torch.no_grad()
     def _accumulate(self, mean: torch.Tensor, var: torch.Tensor, samples: int) -> None:
@@ -120,7 +188,8 @@ class BatchNorm(CaffeLayer):
         self.variance_sum.mul_(maf).add_(var.to(self.variance_sum.dtype) * bias_correction)
 
     def caffe_blobs(self) -> List[torch.Tensor]:
-        return [self.mean_sum, self.variance_sum, self.scale_factor]
+        blobs = [self.mean_sum, self.variance_sum, self.scale_factor]
+        return blobs + [self.weight, self.bias] if self.scale_bias else blobs
 
     def extra_repr(self) -> str:
         parts = [str(self.channels)]
@@ -129,6 +198,8 @@ class BatchNorm(CaffeLayer):
         if not _is_default(self.moving_average_fraction, 0.999):
             parts.append(f"moving_average_fraction={self.moving_average_fraction:g}")
         parts.append(f"use_global_stats={self.use_global_stats}")
+        if self.scale_bias:
+            parts.append("scale_bias=True")
         return ", ".join(parts)
 
 

@@ -4,6 +4,7 @@ Importing this package registers every built-in loss layer type.
 """
 
 from . import simple  # noqa: F401  SigmoidCrossEntropyLoss, EuclideanLoss, MultinomialLogisticLoss, HingeLoss, ContrastiveLoss
+from . import detection  # noqa: F401  SmoothL1Loss, MultiBoxLoss (the detection forks)
 from .distillation import (CWTMLoss, DistillationLoss, DKPPLoss, cwtm_loss, distillation_loss,
                            dkpp_loss, permute_non_argmax)
 from .distribution import SoftmaxDiffLoss, softmax_diff_loss

@@ -126,9 +126,35 @@ def emit_threshold(ctx, node) -> None:
 
 @register_emitter("Dropout")
 def emit_dropout(ctx, node) -> None:
-    """The identity, as Caffe's TEST phase; a TRAIN net's random masks cannot be exported."""
+    """Caffe's TEST phase: the identity, or a scale by ``1 - ratio`` without ``scale_train``;
+    a TRAIN net's random masks cannot be exported."""
     if node.module.training:
         raise ctx.unsupported("Dropout drops at random in the TRAIN phase; convert the TEST "
                               "phase, where it is the identity")
     (x,), (top,) = ctx.bottoms(node), ctx.tops(node)
-    ctx.op("Identity", [x], top)
+    if node.module.scale_train:
+        ctx.op("Identity", [x], top)
+    else:
+        ctx.op("Mul", [x, ctx.const(node.module.test_scale, "test_scale")], top)
+
+
+@register_emitter("Clip")
+def emit_clip(ctx, node) -> None:
+    """``Clip`` to ``[min, max]``; for Caffe's unchecked ``min > max`` (every output ``min``)
+    ``Max(Min(x, max), min)``, the order of Caffe's own expression."""
+    module = node.module
+    (x,), (top,) = ctx.bottoms(node), ctx.tops(node)
+    low, high = ctx.const(module.min, "min"), ctx.const(module.max, "max")
+    if module.min <= module.max:
+        ctx.op("Clip", [x, low, high], top)
+    else:
+        ctx.op("Max", [ctx.op("Min", [x, high]), low], top)
+
+
+@register_emitter("Swish")
+def emit_swish(ctx, node) -> None:
+    """``x * Sigmoid(beta * x)``."""
+    (x,), (top,) = ctx.bottoms(node), ctx.tops(node)
+    beta = node.module.beta
+    scaled = x if beta == 1.0 else ctx.op("Mul", [x, ctx.const(beta, "beta")])
+    ctx.op("Mul", [x, ctx.op("Sigmoid", [scaled])], top)

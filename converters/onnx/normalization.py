@@ -31,26 +31,38 @@ def emit_lrn(ctx, node) -> None:
 
 @register_emitter("BatchNorm")
 def emit_batch_norm(ctx, node) -> None:
-    """Stored statistics: ``BatchNormalization`` with unit scale and zero shift, the mean and
-    variance folded at export (``blob / scale_factor``, 0 for a zero scale factor, as Caffe).
-    Batch statistics (``use_global_stats: false``): the mean and biased variance over every
-    axis but the channels, computed in the graph."""
+    """Stored statistics: ``BatchNormalization`` with unit scale and zero shift (NVCaffe's
+    ``scale_bias``: its scale and shift blobs), the mean and variance folded at export
+    (``blob / scale_factor``, 0 for a zero scale factor, as Caffe; NVCaffe's blobs as they
+    are). Batch statistics (``use_global_stats: false``): the mean and biased variance over
+    every axis but the channels, computed in the graph, then NVCaffe's scale and shift."""
     module = node.module
     (x,), (top,) = ctx.bottoms(node), ctx.tops(node)
     if module.use_global_stats:
         channels = module.channels
-        ones = ctx.const([1.0] * channels, "unit_scale")
-        zeros = ctx.const([0.0] * channels, "zero_shift")
+        if module.scale_bias:
+            scale, shift = ctx.param(node, 3), ctx.param(node, 4)
+        else:
+            scale = ctx.const([1.0] * channels, "unit_scale")
+            shift = ctx.const([0.0] * channels, "zero_shift")
         mean = ctx.param(node, 0, module.running_mean.detach().cpu().numpy())
         variance = ctx.param(node, 1, module.running_var.detach().cpu().numpy())
-        ctx.op("BatchNormalization", [x, ones, zeros, mean, variance], top,
+        ctx.op("BatchNormalization", [x, scale, shift, mean, variance], top,
                epsilon=module.eps)
         return
-    axes = [0] + list(range(2, len(node.bottom_shapes[0])))
+    rank = len(node.bottom_shapes[0])
+    axes = [0] + list(range(2, rank))
     centred = ctx.op("Sub", [x, ctx.reduce("ReduceMean", x, axes, keepdims=True)])
     variance = ctx.reduce("ReduceMean", ctx.op("Mul", [centred, centred]), axes, keepdims=True)
     deviation = ctx.op("Sqrt", [ctx.op("Add", [variance, ctx.const(module.eps, "eps")])])
-    ctx.op("Div", [centred, deviation], top)
+    if not module.scale_bias:
+        ctx.op("Div", [centred, deviation], top)
+        return
+    per_channel = (module.channels,) + (1,) * (rank - 2)
+    scale = ctx.param(node, 3, module.weight.detach().cpu().numpy().reshape(per_channel))
+    shift = ctx.param(node, 4, module.bias.detach().cpu().numpy().reshape(per_channel))
+    normalized = ctx.op("Div", [centred, deviation])
+    ctx.op("Add", [ctx.op("Mul", [normalized, scale]), shift], top)
 
 
 @register_emitter("MVN")

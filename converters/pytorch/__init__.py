@@ -22,6 +22,10 @@ from .registry import SOURCE_EMITTERS, register_source_emitter
 from .runtime import RUNTIMES, ConvertedNet
 from .source import LayerSource
 from .torchscript import convert_to_torchscript, load_torchscript
+from . import emit_forks  # noqa: F401  SegNet, PSPNet, ShuffleNet, MobileNet, SENet (registers)
+from . import emit_ssd  # noqa: F401  Normalize, Permute, PriorBox, DetectionOutput (registers)
+from . import emit_roi  # noqa: F401  ROIPooling, PSROIPooling, Proposal (registers)
+from . import emit_detection_losses  # noqa: F401  SmoothL1Loss, MultiBoxLoss (registers)
 
 __all__ = [
     "RUNTIMES", "SOURCE_EMITTERS", "ConvertedNet", "GeneratedModel", "LayerSource",

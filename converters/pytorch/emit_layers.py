@@ -191,27 +191,31 @@ _BATCH_NORM = {2: "nn.BatchNorm1d", 3: "nn.BatchNorm1d", 4: "nn.BatchNorm2d",
 
 @register_source_emitter("BatchNorm")
 def batch_norm(layer: LayerSource) -> None:
-    """``nn.BatchNorm{1,2,3}d(affine=False)``. With ``use_global_stats`` its running
-    statistics are Caffe's stored sums divided by the scale-factor blob (0 gives 0), done at
-    conversion, and ``eval()`` uses them; without, it always normalizes with the batch's
-    statistics (``track_running_stats=False``), as Caffe's forward does."""
+    """``nn.BatchNorm{1,2,3}d(affine=False)`` (``affine=True`` with NVCaffe's ``scale_bias``
+    blobs as its weight and bias). With ``use_global_stats`` its running statistics are
+    Caffe's stored sums divided by the scale-factor blob (0 gives 0; NVCaffe's blobs as they
+    are), done at conversion, and ``eval()`` uses them; without, it always normalizes with the
+    batch's statistics (``track_running_stats=False``), as Caffe's forward does."""
     m = layer.module
     x = layer.bottoms[0]
     cls = _BATCH_NORM.get(len(layer.bottom_shape()))
+    affine = {"affine": False} if not m.scale_bias else {}
+    learned = state_of(weight=m.weight, bias=m.bias)
     if cls is None:
         handle = layer.project_module(BatchNorm, m.channels, eps=m.eps,
                                       moving_average_fraction=m.moving_average_fraction,
-                                      use_global_stats=m.use_global_stats)
+                                      use_global_stats=m.use_global_stats,
+                                      scale_bias=m.scale_bias)
     elif m.use_global_stats:
         state = {"running_mean": m.running_mean, "running_var": m.running_var,
-                 "num_batches_tracked": torch.tensor(0)}
+                 "num_batches_tracked": torch.tensor(0), **learned}
         momentum = round(1.0 - m.moving_average_fraction, 6)
         handle = layer.submodule(call(cls, m.channels, eps=m.eps, momentum=momentum,
-                                      affine=False), state,
+                                      **affine), state,
                                  note="running statistics: Caffe's sums / scale factor")
     else:
-        handle = layer.submodule(call(cls, m.channels, eps=m.eps, affine=False,
-                                      track_running_stats=False),
+        handle = layer.submodule(call(cls, m.channels, eps=m.eps, **affine,
+                                      track_running_stats=False), learned,
                                  note="Caffe's use_global_stats: false")
     layer.assign(f"{handle}({x})")
 

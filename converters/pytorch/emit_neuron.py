@@ -61,8 +61,13 @@ def bnll(layer: LayerSource) -> None:
 @register_source_emitter("Dropout")
 def dropout(layer: LayerSource) -> None:
     """``nn.Dropout``: the identity in ``eval()`` (Caffe's TEST phase); in ``train()`` it
-    scales kept units by ``1 / (1 - p)`` as Caffe does."""
-    _module(layer, call("nn.Dropout", layer.module.dropout_ratio))
+    scales kept units by ``1 / (1 - p)`` as Caffe does. Without ``scale_train`` (Faster
+    R-CNN's fork), the TEST phase's scale by ``1 - p`` written out."""
+    if layer.module.scale_train:
+        _module(layer, call("nn.Dropout", layer.module.dropout_ratio))
+    else:
+        layer.assign(f"{layer.bottoms[0]} * {number(layer.module.test_scale)}",
+                     comment=f"{layer.name}: Dropout without scale_train, TEST phase")
 
 
 @register_source_emitter("AbsVal")
@@ -122,3 +127,26 @@ def threshold(layer: LayerSource) -> None:
     """1 where ``x > threshold`` (strictly), else 0, in the input's dtype."""
     x = layer.bottoms[0]
     layer.assign(f"({x} > {number(layer.module.threshold)}).to({x}.dtype)")
+
+
+@register_source_emitter("Clip")
+def clip(layer: LayerSource) -> None:
+    """``torch.clamp(x, min, max)`` (the gradient passes at both bounds, as Caffe's); Caffe's
+    unchecked ``min > max`` keeps the order of its expression, giving ``min``."""
+    m = layer.module
+    x = layer.bottoms[0]
+    if m.min <= m.max:
+        layer.assign(f"torch.clamp({x}, {number(m.min)}, {number(m.max)})")
+    else:
+        layer.assign(f"{x}.clamp(max={number(m.max)}).clamp(min={number(m.min)})")
+
+
+@register_source_emitter("Swish")
+def swish(layer: LayerSource) -> None:
+    """``nn.SiLU`` for ``beta`` 1, else ``x * torch.sigmoid(beta * x)``."""
+    beta = layer.module.beta
+    x = layer.bottoms[0]
+    if beta == 1.0:
+        _module(layer, "nn.SiLU()")
+    else:
+        layer.assign(f"{x} * torch.sigmoid({number(beta)} * {x})")

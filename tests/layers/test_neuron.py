@@ -8,8 +8,8 @@ from google.protobuf import text_format
 
 from caffelayers.errors import ShapeError, UnsupportedParameterError
 from caffelayers.layers.base import BuildContext
-from caffelayers.layers.neuron import (BNLL, ELU, AbsVal, Dropout, Exp, Log, Power, PReLU,
-                                       ReLU, Sigmoid, TanH, Threshold)
+from caffelayers.layers.neuron import (BNLL, ELU, AbsVal, Clip, Dropout, Exp, Log, Power,
+                                       PReLU, ReLU, Sigmoid, TanH, Threshold)
 from caffelayers.proto import caffe_pb2
 from caffelayers.registry import layer_class
 from caffelayers.verify import verify_case
@@ -247,3 +247,68 @@ def test_runs_on_cuda():
         assert y.device.type == "cuda"
         if y.requires_grad:
             y.sum().backward()
+
+
+# -- BVLC Caffe after 1.0: Clip and Swish ------------------------------------------------
+def test_clip_values_and_gradient_with_both_bounds_included():
+    layer = build('name: "c" type: "Clip" clip_param { min: -0.5 max: 1.5 }')
+    x = torch.tensor([-2.0, -0.5, 0.0, 1.5, 3.0], dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.tolist() == [-0.5, -0.5, 0.0, 1.5, 1.5]
+    y.backward(torch.ones_like(y))
+    # Caffe: top_diff * (x >= min && x <= max).
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    assert torch.autograd.gradcheck(layer, (away_from_zero(SMALL) * 0.4,))
+
+
+def test_clip_properties_from_bvlc_test():
+    """BVLC's TestClip (min -1, max 2): bounded, saturated at the bounds, identity inside."""
+    layer = build('name: "c" type: "Clip" clip_param { min: -1, max: 2 }')
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4)) * 2
+    y = layer(x)
+    assert ((y >= -1) & (y <= 2)).all()
+    assert ((x > -1) | (y == -1)).all() and ((x < 2) | (y == 2)).all()
+    inside = (x >= -1) & (x <= 2)
+    assert torch.equal(y[inside], x[inside])
+
+
+def test_clip_with_min_above_max_gives_min_as_caffe():
+    x = torch.linspace(-3, 3, 7, requires_grad=True)
+    y = Clip(1.0, -1.0)(x)
+    assert y.tolist() == [1.0] * 7
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0] * 7
+
+
+def test_clip_needs_both_bounds():
+    with pytest.raises(UnsupportedParameterError, match="'c'.*needs max"):
+        build('name: "c" type: "Clip" clip_param { min: 0 }')
+
+
+@pytest.mark.parametrize("beta", [1.0, 1.5, 0.0])  # BVLC's TestSwish, ...WithBeta, ...AsLinear
+def test_swish_values_and_caffes_backward(beta):
+    text = 'name: "s" type: "Swish"' + (f" swish_param {{ beta: {beta} }}" if beta != 1 else "")
+    layer = build(text)
+    assert layer.beta == beta
+    x = away_from_zero()
+    y = layer(x)
+    torch.testing.assert_close(y, x * torch.sigmoid(beta * x))
+    upstream = torch.randn(SHAPE, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(y, x, upstream)
+    # Caffe: top_diff * (beta * y + sigmoid(beta x) * (1 - beta * y)).
+    sig = torch.sigmoid(beta * x.detach())
+    torch.testing.assert_close(grad, upstream * (beta * y.detach() + sig * (1 - beta * y.detach())))
+    assert torch.autograd.gradcheck(layer, (away_from_zero(SMALL),))
+
+
+def test_dropout_without_scale_train_scales_at_test_time():
+    """caffe-fast-rcnn's ``scale_train: false``: TEST multiplies by ``1 - ratio``, TRAIN keeps
+    the surviving values as they are (py-faster-rcnn's ZF and VGG16 test nets)."""
+    x = torch.linspace(-2.0, 3.0, 2 * 5 * 7 * 3, dtype=torch.float64).reshape(2, 5, 7, 3)
+    layer = Dropout(0.3, torch.Generator().manual_seed(0), scale_train=False).eval()
+    torch.testing.assert_close(layer(x), x * 0.7, rtol=0, atol=0)
+    train = layer.train()(x)
+    kept = train != 0
+    assert 0 < int(kept.sum()) < x.numel()
+    torch.testing.assert_close(train[kept], x[kept], rtol=0, atol=0)
+    assert "scale_train=False" in repr(layer)

@@ -188,3 +188,77 @@ def test_mvn_rejects_five_axes_and_reads_params():
     layer.layer_name = "mvn5"
     with pytest.raises(ShapeError, match="mvn5.*at most 4 axes"):
         layer.output_shapes([(N, C, H, W, 2)])
+
+
+# -- NVCaffe's scale_bias ----------------------------------------------------------------------
+
+def test_nvcaffe_scale_bias_blobs_in_nvcaffes_order():
+    param = layer_param('name: "bn" type: "BatchNorm" batch_norm_param { scale_bias: true }')
+    layer = BatchNorm.from_caffe(param, [(N, C, H, W)], BuildContext(phase="TEST"))
+    assert layer.scale_bias and layer.use_global_stats
+    # mean, variance, NVCaffe's variance correction (1), scale (1), shift (0).
+    blobs = layer.caffe_blobs()
+    assert [tuple(b.shape) for b in blobs] == [(C,), (C,), (1,), (C,), (C,)]
+    assert blobs[2].tolist() == [1.0]
+    assert blobs[3].tolist() == [1.0] * C and blobs[4].tolist() == [0.0] * C
+
+
+def test_nvcaffe_a_filler_alone_turns_scale_bias_on_and_eps_has_a_floor():
+    param = layer_param('name: "bn" type: "BatchNorm" batch_norm_param { eps: 1e-7 '
+                        'use_global_stats: false scale_filler { type: "constant" value: 2 } }')
+    layer = BatchNorm.from_caffe(param, [(N, C, H, W)], BuildContext(phase="TEST"))
+    assert layer.scale_bias and layer.weight.tolist() == [2.0] * C
+    assert layer.eps == 1e-5  # NVCaffe: max(eps, 1e-5)
+    assert layer.use_global_stats  # NVCaffe: the phase decides, the field is not read
+
+
+def test_nvcaffe_test_phase_reads_the_blobs_as_they_are():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(N, C, H, W))
+    layer = BatchNorm(C, use_global_stats=True, scale_bias=True).double()
+    mean, var = rng.normal(size=C), rng.uniform(0.5, 2, C)
+    scale, shift = rng.normal(size=C), rng.normal(size=C)
+    with torch.no_grad():
+        for blob, value in zip(layer.caffe_blobs(), (mean, var, [7.0], scale, shift)):
+            blob.copy_(torch.as_tensor(value))
+    # Blob 2 (7 here) is NVCaffe's "variance correction", which its forward never reads.
+    expected = numpy_batch_norm(x, mean, var, 1e-5) * scale.reshape(1, C, 1, 1) + \
+        shift.reshape(1, C, 1, 1)
+    np.testing.assert_allclose(layer(torch.from_numpy(x)).detach().numpy(), expected,
+                               rtol=1e-12)
+
+
+def test_nvcaffe_train_accumulates_its_moving_average():
+    rng = np.random.default_rng(2)
+    layer = BatchNorm(C, moving_average_fraction=0.9, scale_bias=True).double()
+    batches = [rng.normal(i, 1 + i, (N, C, H, W)) for i in range(4)]
+    stored_mean, stored_var = None, None
+    for index, x in enumerate(batches):
+        y = layer(torch.from_numpy(x))
+        mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))  # biased, also stored
+        np.testing.assert_allclose(y.detach().numpy(), numpy_batch_norm(x, mean, var, 1e-5),
+                                   rtol=1e-12)
+        # NVCaffe's CPU rule: the first two forwards copy, then blob = 0.9 blob + 0.1 batch.
+        if index < 2:
+            stored_mean, stored_var = mean, var
+        else:
+            stored_mean = 0.9 * stored_mean + 0.1 * mean
+            stored_var = 0.9 * stored_var + 0.1 * var
+        np.testing.assert_allclose(layer.mean_sum.numpy(), stored_mean, rtol=1e-12)
+        np.testing.assert_allclose(layer.variance_sum.numpy(), stored_var, rtol=1e-12)
+
+
+@pytest.mark.parametrize("global_stats", [False, True])
+def test_nvcaffe_scale_bias_gradcheck(global_stats):
+    layer = BatchNorm(C, use_global_stats=global_stats, scale_bias=True).double()
+    with torch.no_grad():
+        layer.variance_sum.fill_(1.5)
+    x = torch.randn(N, C, 3, 2, dtype=torch.float64, requires_grad=True)
+
+    def run(value, weight, bias):
+        return torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (value,))
+
+    weight = torch.linspace(0.5, 2, C, dtype=torch.float64, requires_grad=True)
+    bias = torch.linspace(-1, 1, C, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(run, (x, weight, bias))
+    assert "scale_bias=True" in repr(layer)
