@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # On this machine torch==2.13.0 is a local CPU wheel; an unpinned torch would pull a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test install proto readme clean
+.PHONY: demo test install proto readme clean fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(VENV)/.deps: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q ".[test,data]"
+	$(BIN)/python -m pip install -q ".[test,data,plot]"
 	touch $@
 
 # The checkout is installed editable: the tree imports as the package (tests/test_layout.py
@@ -37,6 +37,11 @@ demo: install
 
 test: install
 	$(BIN)/pytest -q
+
+# The adversarial suite at full budget: every corpus case through every entry point, and
+# thousands of Hypothesis examples per property (make test runs a fixed, small budget).
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz ADVERSARIAL_FULL=1 $(BIN)/pytest -q tests/adversarial
 
 # Regenerate proto/caffe_pb2.py from proto/caffe.proto (the generated file is committed).
 proto: | $(BIN)/python

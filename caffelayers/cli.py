@@ -11,26 +11,23 @@ import json
 import sys
 from pathlib import Path
 import warnings
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-from .errors import CaffeLayersError
+from .errors import CaffeLayersError, shape_text
 from .registry import LAYERS
 from .train import add_train_parser
 
 
-def _shape_text(shape) -> str:
-    if shape is None:
-        return "?"
-    return "x".join(map(str, shape)) or "scalar"
-
-
 def _inspect_rows(graph) -> List[dict]:
+    from .proto.forks import fork_of_type
+
     rows = []
     for node in graph.nodes:
         known = node.type in LAYERS
         rows.append({
             "name": node.name,
             "type": node.type if known else f"{node.type} (unknown)",
+            "fork": fork_of_type(node.type),
             "bottoms": node.bottoms,
             "tops": node.tops,
             "shapes": [None if s is None else list(s) for s in node.top_shapes],
@@ -68,7 +65,7 @@ def cmd_inspect(args) -> int:
     for row in rows:
         table.append((row["name"], row["type"],
                       f"{','.join(row['bottoms']) or '-'} -> {','.join(row['tops']) or '-'}",
-                      " ".join(_shape_text(s) for s in row["shapes"]) or "-",
+                      " ".join(shape_text(s) for s in row["shapes"]) or "-",
                       "?" if row["params"] is None else f"{row['params']:,}"))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     print(f"net {graph.name!r}, phase {args.phase.upper()}, {len(rows)} layers")
@@ -79,6 +76,12 @@ def cmd_inspect(args) -> int:
             print("  ".join("-" * w for w in widths))
     print(f"total parameters: {total:,}" + ("" if complete else " (plus layers of unknown size)"))
     print(f"inputs: {', '.join(graph.inputs) or 'none'}; outputs: {', '.join(graph.outputs)}")
+    forks: Dict[str, List[str]] = {}
+    for row in rows:
+        if row["fork"] and row["type"] not in forks.setdefault(row["fork"], []):
+            forks[row["fork"]].append(row["type"])
+    for fork, types in forks.items():
+        print(f"from {fork}: {', '.join(types)}")
     if graph.unknown:
         print("unknown layer types: " + ", ".join(f"{n!r} ({t})" for n, t in graph.unknown))
     for note in graph.notes:
@@ -119,39 +122,72 @@ def cmd_verify(args) -> int:
 
 def cmd_convert(args) -> int:
     from . import convert
-    from .graph import build_graph, load_net_param, parse_input_specs
+    from .graph import _located, build_graph, load_net_param, parse_input_specs
     from .layers.base import BuildContext
     from .net import Net
-    from .verify import compare_forward, load_reference
+    from .verify import compare_forward, load_reference, reshape_to_reference
 
     inputs = parse_input_specs(args.input)
-    net_param, source_dir = load_net_param(args.net, args.phase)
+    net_param, source_dir = load_net_param(args.net, args.phase, args.level, args.stage,
+                                           allow_unknown_fields=args.allow_unknown_fields)
+    source = args.net
+    outputs = [blob for blob in (args.outputs or "").split(",") if blob]
+    if outputs:  # the part of the net that computes these blobs, built from the message
+        net_param = convert.cut_at_blobs(net_param, outputs, args.net)
+        source = convert.anchor_paths(net_param, source_dir)
     graph = build_graph(net_param, inputs, BuildContext(phase=args.phase, source_dir=source_dir,
                                                         source_file=Path(args.net), fill=False),
                         device="meta", strict=False)
-    convert.check_convertible(graph, args.to)  # every layer it cannot convert, at once
+    with _located(Path(args.net)):
+        convert.check_convertible(graph, args.to)  # every layer it cannot convert, at once
+        preprocess = convert.preprocess_spec(net_param, source_dir, graph.inputs)
     if not args.weights:
         print("note: no weights given: parameters come from the prototxt's fillers "
               f"(seed {args.seed})", file=sys.stderr)
-    net = Net(args.net, args.weights, phase=args.phase, inputs=inputs or None, seed=args.seed)
-    for path in convert.write(net, args.to, args.output, args.opset, args.static_batch):
+    net = Net(source, args.weights, phase=args.phase, inputs=inputs or None, seed=args.seed,
+              level=args.level, stages=args.stage,
+              allow_unknown_fields=args.allow_unknown_fields, source_file=Path(args.net))
+    written = convert.write(net, args.to, args.output, args.opset, args.static_batch,
+                            args.static_shape, outputs)
+    if preprocess is not None:
+        convert.write_preprocess(preprocess, args.to, written)
+    for path in written:
         print(f"wrote {path}")
+    if preprocess is not None:
+        print(f"note: {convert.preprocess_note(preprocess, args.to)}", file=sys.stderr)
+    note = convert.input_size_note(net, args.static_shape) if args.to == "onnx" else None
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     if not args.reference:
         return 0
     meta, arrays = load_reference(args.reference)
+    reshape_to_reference(net, meta, arrays)  # inputs the net cannot take: the layer is named
     result = compare_forward(meta, arrays, convert.runner(args.to, args.output), args.rtol,
                              args.atol)
     return _report(result, False)
 
 
 def layer_table() -> str:
-    """The Markdown table of supported layer types that the README shows (from the registry)."""
-    lines = ["| Caffe type | module | what it computes |", "| --- | --- | --- |"]
+    """The Markdown table of supported layer types that the README shows (from the registries):
+    each type's fork, its module (the forward), whether Caffe defines a backward for it, and
+    whether it converts to ONNX and to PyTorch source."""
+    from .converters.onnx import UNSUPPORTED
+    from .converters.pytorch import SOURCE_EMITTERS
+    from .proto.forks import fork_of_type
+    from .registry import EMITTERS
+
+    lines = ["| Caffe type | fork | forward | backward | ONNX | PyTorch source | what it computes |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for type_name in sorted(LAYERS, key=str.lower):
         cls = LAYERS[type_name]
         summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         summary = summary.rstrip(".").replace("|", "\\|")
-        lines.append(f"| `{type_name}` | `{cls.__module__}.{cls.__name__}` | {summary} |")
+        onnx = "yes" if type_name in EMITTERS else \
+            "no" if type_name not in UNSUPPORTED else "no (see `convert`)"
+        lines.append(f"| `{type_name}` | {fork_of_type(type_name) or 'BVLC'} "
+                     f"| `{cls.__module__}.{cls.__name__}` "
+                     f"| {'yes' if cls.has_backward else 'no'} | {onnx} "
+                     f"| {'yes' if type_name in SOURCE_EMITTERS else 'no'} | {summary} |")
     return "\n".join(lines)
 
 
@@ -207,14 +243,34 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--opset", type=int, default=17, help="ONNX opset (13 or newer)")
     convert.add_argument("--static-batch", action="store_true",
                          help="fix the batch dimension of the ONNX model")
+    convert.add_argument("--static-shape", action="store_true",
+                         help="keep the prototxt's height and width in the ONNX model. "
+                              "Without it they are symbolic (the model runs at any size the "
+                              "net accepts) when the net is fully convolutional: no layer "
+                              "fixes them, such as an InnerProduct on spatial features, a "
+                              "Reshape to fixed dims, a fixed-size Crop or a loss; a note says "
+                              "which layer keeps them fixed")
     convert.add_argument("--reference", metavar="REFERENCE.npz",
                          help="run the converted model on these inputs and compare")
     convert.add_argument("--seed", type=int, default=0, help="filler seed without weights")
     convert.add_argument("--rtol", type=float, default=1e-4)
     convert.add_argument("--atol", type=float, default=1e-6)
+    convert.add_argument("--stage", action="append", default=[],
+                         help="a NetState stage for include/exclude rules (repeatable)")
+    convert.add_argument("--level", type=int, default=0, help="the NetState level")
+    convert.add_argument("--allow-unknown-fields", action="store_true",
+                         help="skip fields from other Caffe forks, with a warning")
+    convert.add_argument("--outputs", metavar="BLOB,...",
+                         help="cut the net at these blobs: only the layers computing them are "
+                              "converted (the loss and accuracy layers of a training net "
+                              "fall away); the ONNX model returns each of them")
     convert.set_defaults(run=cmd_convert)
 
     add_train_parser(sub)
+    from .tools import TOOLS  # test, time, plot, draw: Caffe's tools around `caffe`
+
+    for tool in TOOLS:
+        tool.add_parser(sub)
 
     layers = sub.add_parser("layers", help="the supported Caffe layer types (Markdown table)")
     layers.set_defaults(run=cmd_layers)

@@ -45,7 +45,7 @@ class UnknownLayerError(CaffeLayersError):
     ``layers`` is a list of ``(name, type)`` pairs in net order.
     """
 
-    def __init__(self, layers: Sequence[tuple[str, str]], what: str = "a module",
+    def __init__(self, layers: Sequence[tuple[str, str]], what: str = "module",
                  how: str = 'register one with @caffelayers.register_layer("TYPE")'):
         self.layers = list(layers)
         listing = ", ".join(f"{name!r} ({type_})" for name, type_ in self.layers)
@@ -69,10 +69,14 @@ class ShapeError(CaffeLayersError):
         self.layer = layer
         self.layer_type = layer_type
         self.bottom_shapes = [None if s is None else tuple(s) for s in bottom_shapes]
-        shapes = ", ".join("?" if s is None else "x".join(map(str, s)) or "scalar"
-                           for s in self.bottom_shapes)
+        shapes = ", ".join(shape_text(s) for s in self.bottom_shapes)
         super().__init__(f"layer {layer!r} ({layer_type}): bottom shapes [{shapes}] do not fit: "
                          f"{expected}")
+
+
+def shape_text(shape) -> str:
+    """A shape as messages write it: ``2x3x7x5``, ``scalar`` for no axes, ``?`` unknown."""
+    return "?" if shape is None else "x".join(map(str, shape)) or "scalar"
 
 
 def nearest_name(name: str, candidates: Iterable[str]) -> str:

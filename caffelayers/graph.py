@@ -245,12 +245,14 @@ def build_graph(net_param, input_shapes: Optional[Mapping[str, Sequence[int]]] =
         how = 'register one with @caffelayers.register_layer("TYPE")'
         if any(type_ == "Python" for _, type_ in unknown):
             how += "; " + PYTHON_LAYER_NOTE
-        raise UnknownLayerError(unknown, how=how)
+        with _located(ctx.source_file, unknown[0][0] if len(unknown) == 1 else None):
+            raise UnknownLayerError(unknown, how=how)
 
     blob_shapes: Dict[str, Optional[Shape]] = {}
     nodes: List[Node] = []
     notes: List[str] = []
     used_inputs = set()
+    open_inputs: List[Tuple[Node, str]] = []  # input tops whose shape nobody gave
     budget = _Budget(allocating=torch.device(device).type != "meta")
     # Errors of the net as a whole (a bottom nobody produces) name the prototxt too.
     with _located(ctx.source_file):
@@ -292,13 +294,7 @@ def build_graph(net_param, input_shapes: Optional[Mapping[str, Sequence[int]]] =
                         node.top_shapes[i] = input_shapes[top]
                         used_inputs.add(top)
                     elif node.top_shapes[i] is None:
-                        message = (f"the shape of input {top!r} (layer {param.name!r}, "
-                                   f"{param.type}) is not in the prototxt; give it (--input "
-                                   f"{top}=N,C,H,W with one number per axis on the command "
-                                   "line, inputs= in Python)")
-                        if strict:
-                            raise CaffeLayersError(message)
-                        notes.append(message)
+                        open_inputs.append((node, top))
             with _located(ctx.source_file, param.name):
                 budget.add(node, {f"top {t!r}": shape for t, shape in
                                   zip(node.tops, node.top_shapes) if shape is not None})
@@ -306,12 +302,60 @@ def build_graph(net_param, input_shapes: Optional[Mapping[str, Sequence[int]]] =
             for top, shape in zip(node.tops, node.top_shapes):
                 blob_shapes[top] = shape
             nodes.append(node)
+        # Told once every layer is known, so that the hint can follow the blob's readers.
+        for node, top in open_inputs:
+            unreadable = getattr(node.module, "source_error", None)
+            if unreadable is not None and strict and \
+                    not any(t in input_shapes for t in node.tops):
+                # A data layer whose tops nobody shapes is read from its source: the reason
+                # it could not be read is the error (train has no --input to suggest).
+                raise unreadable
+            message = (f"the shape of input {top!r} (layer {node.name!r}, {node.param.type}) "
+                       f"is not in the prototxt; give it (--input {top}="
+                       f"{_input_shape_hint(top, nodes, ctx)} with one number per axis on the "
+                       "command line, inputs= in Python)")
+            if strict:
+                raise CaffeLayersError(message)
+            notes.append(message if unreadable is None else
+                         f"{message}; its source cannot be read: {unreadable}")
     for name in input_shapes:
         if name not in used_inputs:
             raise CaffeLayersError(f"--input {name}: the net has no input blob {name!r}; its "
                                    f"inputs are {', '.join(t for n in nodes if n.is_input for t in n.tops) or 'none'}")
     graph = NetGraph(net_param.name, nodes, blob_shapes, unknown, notes)
     return graph
+
+
+def _input_shape_hint(top: str, nodes: List[Node], ctx: BuildContext) -> str:
+    """What to write for input ``top`` in ``--input``: the labels' shape when a loss or
+    Accuracy reads it beside scores of known shape (the shape its layer accepts, e.g. ``4``
+    for 4 x 10 scores), ``N`` for such labels beside scores of unknown shape, else
+    ``N,C,H,W``."""
+    for node in nodes:
+        cls = LAYERS.get(node.type)
+        if top not in node.bottoms[1:] or node.module is not None or cls is None or \
+                not (cls.is_loss or node.type == "Accuracy"):
+            continue
+        known = [shape for bottom, shape in zip(node.bottoms, node.bottom_shapes)
+                 if bottom != top]
+        scores = known[0] if known else None
+        if scores is None or any(shape is None for shape in known):
+            return "N"
+        # The scores without their class axis (Caffe's default axis 1), then the same with
+        # a unit class axis, then the scores' own shape (targets of a regression loss).
+        for labels in (scores[:1] + scores[2:], scores[:1] + (1,) + scores[2:], scores):
+            shapes = [labels if bottom == top else shape
+                      for bottom, shape in zip(node.bottoms, node.bottom_shapes)]
+            try:
+                with torch.device("meta"):
+                    module = cls.from_caffe(node.param, shapes, dataclasses.replace(ctx, fill=False))
+                module.layer_name = node.name
+                module.output_shapes(shapes)
+            except CaffeLayersError:
+                continue
+            return ",".join(map(str, labels))
+        return "N"
+    return "N,C,H,W"
 
 
 def reshape_graph(graph: NetGraph, input_shapes: Mapping[str, Sequence[int]],
@@ -360,5 +404,10 @@ def load_net_param(source, phase: str = "TEST", level: int = 0, stages: Sequence
         source_dir, path = Path(source).resolve().parent, str(source)
     else:
         net_param, source_dir, path = source, None, None
-    return (netstate.filter_net(net_param, phase=phase, level=level, stages=stages, path=path),
-            source_dir)
+    filtered = netstate.filter_net(net_param, phase=phase, level=level, stages=stages, path=path)
+    if not filtered.layer:
+        # Nothing to inspect, run or convert (an empty file, or every layer excluded).
+        where = f" in phase {phase} (its include/exclude rules leave none)" if \
+            net_param.layer else ""
+        raise CaffeFormatError(f"the net has no layers{where}", path)
+    return filtered, source_dir

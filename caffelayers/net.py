@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CaffeFormatError, CaffeLayersError
-from .graph import build_graph, load_net_param, reshape_graph
+from .errors import CaffeFormatError, CaffeLayersError, shape_text
+from .graph import _located, build_graph, load_net_param, reshape_graph
 from .layers.base import BuildContext, CaffeLayer
 
 
@@ -73,9 +73,9 @@ def check_weights_fit(nodes, trained: Mapping[str, list], path) -> List[str]:
         for index, (blob, target) in enumerate(zip(stored, targets)):
             if not blob.fits(target.shape):
                 problems.append(f"layer {node.name!r} ({node.type}) blob {index}: shape "
-                                f"mismatch, the file has {_shape_text(blob.shape)}"
+                                f"mismatch, the file has {shape_text(blob.shape)}"
                                 f"{' (legacy num/channels/height/width)' if blob.legacy else ''}"
-                                f", the net expects {_shape_text(target.shape)}")
+                                f", the net expects {shape_text(target.shape)}")
     if with_params and not any(node.name in trained for node in with_params):
         problems.append("none of the net's layers with parameters "
                         f"({', '.join(repr(n.name) for n in with_params[:5])}"
@@ -94,10 +94,6 @@ def warn_unloaded(layers: Sequence[str], path) -> None:
                       stacklevel=3)
 
 
-def _shape_text(shape) -> str:
-    return "x".join(map(str, shape)) or "a scalar"
-
-
 class Net(nn.Module):
     """A Caffe net built from a prototxt (and optionally a caffemodel).
 
@@ -110,6 +106,8 @@ class Net(nn.Module):
         loss_mode: ``"caffe"`` (Caffe's probability floors) or ``"exact"`` (stable log-softmax).
         seed: seeds the fillers, for a repeatable net without weights.
         dtype, device: where the parameters live; float64 serves gradient checks.
+        source_file: the file a ``NetParameter`` given as ``prototxt`` was written in (a
+            solver's inline ``net_param``), so that errors name it and the layer's line.
 
     Attributes:
         graph: the :class:`~caffelayers.graph.NetGraph` (layers, shapes).
@@ -123,21 +121,28 @@ class Net(nn.Module):
                  stages: Sequence[str] = (), margin_backward: str = "caffe",
                  loss_mode: str = "caffe", seed: Optional[int] = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 allow_unknown_fields: bool = False):
+                 allow_unknown_fields: bool = False, source_file: Optional[str | Path] = None):
         super().__init__()
         if margin_backward not in ("caffe", "exact"):
             raise CaffeLayersError(f"margin_backward must be 'caffe' or 'exact', got "
                                    f"{margin_backward!r}")
         if loss_mode not in ("caffe", "exact"):
             raise CaffeLayersError(f"loss_mode must be 'caffe' or 'exact', got {loss_mode!r}")
-        net_param, source_dir = load_net_param(prototxt, phase, level, stages,
-                                               allow_unknown_fields)
+        if isinstance(prototxt, (str, Path)):
+            source_file = Path(prototxt)
+        elif source_file is not None:
+            source_file = Path(source_file)
+        with _located(source_file):
+            net_param, source_dir = load_net_param(prototxt, phase, level, stages,
+                                                   allow_unknown_fields)
+        #: where the data layers' relative file names are also looked for.
+        self.source_dir = source_dir
         self.phase = phase.upper()
         self.weights_path = None if weights is None else str(weights)
         trained = read_weights(weights, lazy=True) if weights is not None else {}
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        source_file = Path(prototxt) if isinstance(prototxt, (str, Path)) else None
         self._source_file = source_file
+        self._dtype, self._device = dtype, torch.device(device)
         ctx = BuildContext(phase=self.phase, source_dir=source_dir, source_file=source_file,
                            generator=generator,
                            options={"margin_backward": margin_backward, "loss_mode": loss_mode})
@@ -225,14 +230,13 @@ class Net(nn.Module):
 
     def save_caffemodel(self, path: str | Path) -> None:
         """Write the weights as a binary ``NetParameter`` that Caffe's ``CopyTrainedLayersFrom``
-        reads: one entry per layer with blobs, in net order, with today's ``shape`` field."""
+        reads: one entry per layer in net order (as Caffe's ``Net::ToProto``, so that a net
+        without parameters still writes a model), blobs in today's ``shape`` field."""
         from .proto import caffe_pb2, io
 
         model = caffe_pb2.NetParameter(name=self.graph.name)
         for node in self.graph.nodes:
             blobs = node.module.caffe_blobs()
-            if not blobs:
-                continue
             layer = model.layer.add(name=node.name, type=node.type)
             layer.bottom.extend(node.bottoms)
             layer.top.extend(node.tops)
@@ -250,10 +254,12 @@ class Net(nn.Module):
         return self.graph.outputs
 
     def _as_tensor(self, name: str, value) -> torch.Tensor:
+        # The parameters' dtype and device (moved by .to() or .double() since the build), else
+        # the ones the net was built with: a net without parameters still runs in float64.
         reference = next(iter(self.buffers()), None)
         reference = next(iter(self.parameters()), reference)
-        dtype = reference.dtype if reference is not None else torch.get_default_dtype()
-        device = reference.device if reference is not None else torch.device("cpu")
+        dtype = reference.dtype if reference is not None else self._dtype
+        device = reference.device if reference is not None else self._device
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(np.ascontiguousarray(value).reshape(np.shape(value)))
         elif not isinstance(value, torch.Tensor):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -51,6 +53,9 @@ class VerifyResult:
 
     case: str
     checks: List[ArrayCheck] = field(default_factory=list)
+    #: ``(key, what, why)`` of the recorded arrays that were not compared (a converted
+    #: model returns the net's outputs of one forward: no intermediate blob, no gradient).
+    skipped: List[Tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -69,12 +74,24 @@ class VerifyResult:
             top = max(comparable, key=lambda c: c.error / c.tolerance if c.tolerance else np.inf)
             worst = f" (worst {top.key} {top.error:.1e} of tolerance {top.tolerance:.1e})"
         verdict = "PASS" if self.passed else "FAIL"
-        return f"verify: {verdict} {good}/{len(self.checks)} arrays{worst}"
+        line = f"verify: {verdict} {good}/{len(self.checks)} arrays{worst}"
+        if not self.skipped:
+            return line
+        groups: Dict[Tuple[str, str], List[str]] = {}
+        for key, what, why in self.skipped:
+            groups.setdefault((what, why), []).append(key)
+        left = "; ".join(
+            f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}): {why}"
+            for (what, why), keys in groups.items())
+        return (f"{line}; compared {', '.join(check.key for check in self.checks)}; not "
+                f"compared: {left}")
 
     def to_json(self) -> Dict:
         return {"case": self.case, "passed": self.passed, "summary": self.summary,
                 "arrays": [{"key": c.key, "error": c.error, "tolerance": c.tolerance,
-                            "passed": c.passed, "problem": c.problem} for c in self.checks]}
+                            "passed": c.passed, "problem": c.problem} for c in self.checks],
+                "skipped": [{"key": key, "what": what, "why": why}
+                            for key, what, why in self.skipped]}
 
 
 def compare(key: str, ours, caffe: np.ndarray, rtol: float = RTOL, atol: float = ATOL) -> ArrayCheck:
@@ -114,8 +131,9 @@ def load_reference(case: str | Path):
     """``(meta, arrays)`` of a ``reference.npz``, given the file or its case directory.
 
     Everything is checked before use: a regular file, a zip archive of ``.npy`` members
-    whose sizes fit in memory, numeric arrays only (pickled objects are never loaded), and a
-    ``meta`` JSON object whose fields have the types the replay needs.
+    whose sizes fit in memory and whose headers declare the arrays they hold, numeric arrays
+    only (pickled objects are never loaded), and a ``meta`` JSON object whose fields have the
+    types the replay needs.
     """
     path = Path(case)
     if path.is_dir():
@@ -124,10 +142,12 @@ def load_reference(case: str | Path):
     with _reference_error(path):
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
-        strange = [m.filename for m in members if not m.filename.endswith(".npy")]
-        if strange:
-            raise CaffeLayersError(f"holds {strange[0]!r}, not a .npy array")
-        check_bytes(sum(m.file_size for m in members), "its arrays")
+            strange = [m.filename for m in members if not m.filename.endswith(".npy")]
+            if strange:
+                raise CaffeLayersError(f"holds {strange[0]!r}, not a .npy array")
+            check_bytes(sum(m.file_size for m in members), "its arrays")
+            for member in members:
+                _check_member(archive, member)
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
     if "meta" not in arrays:
@@ -141,6 +161,29 @@ def load_reference(case: str | Path):
         raise CaffeLayersError(f"{path}: meta lists inputs {', '.join(map(repr, missing))} "
                                "but no 'input/NAME' array holds them")
     return meta, arrays
+
+
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _check_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
+    """A member's ``.npy`` header against the member's size, read before the array: numpy
+    allocates the array a header declares before reading it, so a member of a few bytes
+    declaring 2^31 floats would cost 8 GB."""
+    name = member.filename[:-len(".npy")]
+    with archive.open(member) as file:
+        version = np.lib.format.read_magic(file)
+        if version not in _NPY_HEADERS:
+            raise CaffeLayersError(f"array {name!r}: .npy format {version} is not read here")
+        shape, _, dtype = _NPY_HEADERS[version](file)
+        if dtype.hasobject:
+            raise CaffeLayersError(f"array {name!r} holds pickled objects, which are never "
+                                   "loaded")
+        declared, held = math.prod(shape) * dtype.itemsize, member.file_size - file.tell()
+    if declared != held:
+        raise CaffeLayersError(f"array {name!r} declares shape {shape} ({declared:,} bytes) "
+                               f"but holds {held:,} bytes")
 
 
 def _check_regular(path: Path, what: str) -> None:
@@ -160,6 +203,8 @@ def _reference_error(path: Path):
     except zipfile.BadZipFile:
         raise CaffeLayersError(f"{path}: not a reference.npz (not a zip archive of arrays)") \
             from None
+    except zlib.error as error:  # a member's compressed stream is damaged
+        raise CaffeLayersError(f"{path}: a damaged archive ({error})") from None
     except ValueError as error:
         why = ("it holds pickled objects, which are never loaded" if "pickle" in str(error)
                else f"a damaged array ({error})")
@@ -184,7 +229,7 @@ def _read_meta(value: np.ndarray, path: Path) -> Dict:
                                f"array of shape {value.shape}")
     try:
         meta = json.loads(str(value))
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: nested past Python's stack
         raise CaffeLayersError(f"{path}: 'meta' is not JSON ({error})") from None
     if not isinstance(meta, dict):
         raise CaffeLayersError(f"{path}: 'meta' must be a JSON object")
@@ -228,9 +273,16 @@ def open_case(case_dir: str | Path, phase: Optional[str] = None, **net_options):
                                f"{' ...' if len(unfilled) > 5 else ''} in "
                                f"{'weights.caffemodel' if weights.exists() else 'the case (no weights.caffemodel)'}"
                                ": verifying the prototxt's fillers would prove nothing")
+    reshape_to_reference(net, meta, arrays)
+    return meta, arrays, net
+
+
+def reshape_to_reference(net: Net, meta: Dict, arrays: Dict[str, np.ndarray]) -> None:
+    """Caffe's ``Reshape`` of ``net`` to the recorded inputs' shapes, before anything runs:
+    a layer that cannot take them is named (the reference of another net, or of other
+    sizes)."""
     net.reshape(**{name: arrays[f"input/{name}"].shape for name in meta["inputs"]
                    if name in net.inputs})
-    return meta, arrays, net
 
 
 def _iteration(arrays: Dict[str, np.ndarray], index: int, kind: str) -> Dict[str, np.ndarray]:
@@ -306,7 +358,24 @@ def compare_forward(meta: Dict, arrays: Dict[str, np.ndarray], run, rtol: float 
     if not result.checks:
         raise CaffeLayersError("the reference records none of the converted model's outputs "
                                f"({', '.join(outputs) or 'none'})")
+    compared = {check.key for check in result.checks}
+    fed = {f"iter0/data/{name}" for name in inputs}  # the inputs, recorded as blobs too
+    for key in arrays:
+        if key not in compared | fed and not key.startswith("input/"):
+            result.skipped.append((key, *_not_compared(key)))
     return result
+
+
+def _not_compared(key: str) -> Tuple[str, str]:
+    """What a recorded array that :func:`compare_forward` leaves out is, and why."""
+    iteration, kind = (key.split("/") + [""])[:2]
+    if kind == "data" and iteration == "iter0":
+        return "intermediate blobs", "a converted model returns only the net's outputs"
+    if kind == "data":
+        return "blobs of later iterations", "a converted model is one stateless forward"
+    if kind in ("param", "param_after"):
+        return "parameters", "the converted model holds the caffemodel's"
+    return "gradients and updates", "a converted model runs forward only"
 
 
 def verify_solver_case(case_dir: str | Path, rtol: float = RTOL, atol: float = ATOL,

@@ -24,8 +24,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import CaffeFormatError, CaffeLayersError, LabelError, UnsupportedParameterError
+from ..limits import check_bytes, check_count
 from . import files
-from .extra import require
+from .databases import backend_name, open_reader, require_plyvel
+from .extra import MissingExtraError, require
+from .headers import declared_size
 from .transform import DataTransformer
 
 Shape = Tuple[int, ...]
@@ -180,6 +183,21 @@ def _layer_text(param) -> str:
     return f"layer {param.name!r} ({param.type})"
 
 
+def _check_declared_size(size: Optional[Tuple[int, int]], channels: int, is_item: bool,
+                         layer: str, image: str) -> None:
+    """Before decoding: the image its header declares (``(width, height)``, or None when
+    unknown) fits in memory as the decoder allocates it (8 bits per channel), and, when it
+    becomes an item unresized, in a Caffe blob (INT_MAX values) and in memory as float32."""
+    if size is None:
+        return
+    width, height = size
+    values = channels * height * width
+    if is_item:
+        check_count((channels, height, width), f"{layer}: {image} ({width} x {height} declared)")
+    check_bytes(values * (5 if is_item else 1),
+                f"{layer}: decoding {image} ({width} x {height} declared)")
+
+
 def _cv_image(data: np.ndarray) -> np.ndarray:
     """An OpenCV image (H x W x C in BGR, or H x W) as C x H x W."""
     return data[None] if data.ndim == 2 else data.transpose(2, 0, 1)
@@ -285,6 +303,12 @@ class ImageDataSource(Source):
         cv2 = require("cv2", self.layer)
         name = self.names[entry]
         path = self.root + self.root_folder + name
+        try:
+            _check_declared_size(declared_size(path), 3 if self.is_color else 1,
+                                 self.new_size[0] == 0, self.layer, f"image {name!r}")
+        except CaffeLayersError as error:
+            raise CaffeFormatError(str(error), self.list_path, int(self.lines[entry])) \
+                from None
         flag = cv2.IMREAD_COLOR if self.is_color else cv2.IMREAD_GRAYSCALE
         data = cv2.imread(path, flag)
         if data is None:
@@ -320,27 +344,11 @@ class ImageDataSource(Source):
         return (data, label)[:len(self.tops)]
 
 
-# --- Data (LMDB) ----------------------------------------------------------------------------
-
-#: open LMDB environments by (path, process): py-lmdb opens a path once per process.
-_LMDB_ENVIRONMENTS: Dict[Tuple[str, int], object] = {}
-
-
-def _lmdb_environment(path: Path, layer: str):
-    key = (str(Path(path).resolve()), os.getpid())
-    if key not in _LMDB_ENVIRONMENTS:
-        lmdb = require("lmdb", layer)
-        try:
-            _LMDB_ENVIRONMENTS[key] = lmdb.open(key[0], readonly=True, lock=False,
-                                                readahead=False, max_readers=1024)
-        except lmdb.Error as error:
-            raise CaffeFormatError(f"{layer}: cannot open the LMDB database: {error}",
-                                   path) from None
-    return _LMDB_ENVIRONMENTS[key]
-
+# --- Data (LMDB, LevelDB) -------------------------------------------------------------------
 
 class LMDBSource(Source):
-    """Caffe's ``Data`` layer on an LMDB database of serialized ``Datum`` messages.
+    """Caffe's ``Data`` layer on an LMDB (or LevelDB) database of serialized ``Datum``
+    messages.
 
     A raw Datum holds ``C x H x W`` values (``data`` bytes, else ``float_data``); an encoded
     one holds an image file, decoded with OpenCV as Caffe's ``DecodeDatumToCVMat`` does: in
@@ -349,8 +357,10 @@ class LMDBSource(Source):
 
     Caffe: ``data_param { source batch_size backend rand_skip }``; the keys are read in the
     database's (sorted) order, wrapping around at the end, never shuffled. ``backend:
-    LEVELDB`` (Caffe's default) is not supported: give ``backend: LMDB``. ``prefetch`` is
-    the loader's business here. Every Datum must have the size of the first one.
+    LEVELDB`` (Caffe's default) needs the package ``plyvel``; LevelDB lets one process at a
+    time open a database, so loader workers take turns (LMDB is faster with workers).
+    ``prefetch`` is the loader's business here. Every Datum must have the size of the first
+    one.
     """
 
     def __init__(self, param, phase: str = "TRAIN", source_dir: Optional[Path] = None,
@@ -360,26 +370,35 @@ class LMDBSource(Source):
         p = param.data_param
         layer = _layer_text(param)
         super().__init__(layer, param.top, p.batch_size, seed)
-        if p.backend != caffe_pb2.DataParameter.LMDB:
-            raise UnsupportedParameterError(
-                f"{layer}: backend {caffe_pb2.DataParameter.DB.Name(p.backend)} is not "
-                "supported; convert the database to LMDB and set backend: LMDB")
+        self.backend = backend_name(p.backend)
+        if self.backend == "leveldb":
+            try:
+                require_plyvel(layer)
+            except MissingExtraError:
+                raise UnsupportedParameterError(
+                    f"{layer}: backend {caffe_pb2.DataParameter.DB.Name(p.backend)} is not "
+                    "supported without the package 'plyvel' (pip install plyvel); or convert "
+                    "the database to LMDB and set backend: LMDB") from None
         t = param.transform_param
         if t.force_color and t.force_gray:
             raise UnsupportedParameterError(f"{layer}: force_color and force_gray exclude "
                                             "each other")
         self.force = "color" if t.force_color else "gray" if t.force_gray else None
         self.path = files.resolve(p.source, source_dir, f"{layer}: source", directory=True)
+        if self.backend == "leveldb" and (self.path / "data.mdb").is_file():
+            # backend: LEVELDB is Caffe's default, so an LMDB source without it is common
+            raise UnsupportedParameterError(
+                f"{layer}: backend LEVELDB is not supported on an LMDB database ({self.path} "
+                "holds data.mdb): set backend: LMDB")
         self.transform = DataTransformer.from_caffe(param, phase, source_dir)
-        with self._environment().begin() as txn:
-            self.keys = list(txn.cursor().iternext(keys=True, values=False))
+        self.keys = self._database().keys()
         if not self.keys:
             raise CaffeFormatError(f"{layer}: the database is empty", self.path)
         self.skip = self.rand_skip(p.rand_skip)
         self._shape: Optional[Shape] = None
 
-    def _environment(self):
-        return _lmdb_environment(self.path, self.layer)
+    def _database(self):
+        return open_reader(self.path, self.backend, self.layer)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -402,6 +421,11 @@ class LMDBSource(Source):
             raise CaffeFormatError(f"{where} is not a Caffe Datum", self.path) from None
         if datum.encoded:
             cv2 = require("cv2", self.layer)
+            try:
+                _check_declared_size(declared_size(datum.data), 1 if self.force == "gray" else 3,
+                                     True, where, "its encoded image")
+            except CaffeLayersError as error:
+                raise CaffeFormatError(str(error), self.path) from None
             flag = {"color": cv2.IMREAD_COLOR, "gray": cv2.IMREAD_GRAYSCALE,
                     None: cv2.IMREAD_ANYCOLOR}[self.force]
             image = cv2.imdecode(np.frombuffer(datum.data, dtype=np.uint8), flag)
@@ -428,23 +452,22 @@ class LMDBSource(Source):
 
     def read(self, positions: Sequence[int]) -> List[np.ndarray]:
         images, labels = [], []
-        with self._environment().begin(buffers=False) as txn:
-            for position in positions:
-                key = self._key(position)
-                image, label = self._decode(key, txn.get(key))
-                if self._shape is None:
-                    self._shape = image.shape
-                elif image.shape != self._shape:
-                    raise CaffeFormatError(
-                        f"{self.layer}: entry {key.decode(errors='replace')!r} is "
-                        f"{'x'.join(map(str, image.shape))} (C x H x W), the first is "
-                        f"{'x'.join(map(str, self._shape))}", self.path)
-                self.check_labels([label], lambda i: (
-                    self.path, None, f"entry {key.decode(errors='replace')!r}: "))
-                rng = self.rng(position) if self.transform.random else None
-                images.append(self.transform(image, rng,
-                                             f"entry {key.decode(errors='replace')!r}"))
-                labels.append(label)
+        keys = [self._key(position) for position in positions]
+        for position, key, value in zip(positions, keys, self._database().get_many(keys)):
+            image, label = self._decode(key, value)
+            if self._shape is None:
+                self._shape = image.shape
+            elif image.shape != self._shape:
+                raise CaffeFormatError(
+                    f"{self.layer}: entry {key.decode(errors='replace')!r} is "
+                    f"{'x'.join(map(str, image.shape))} (C x H x W), the first is "
+                    f"{'x'.join(map(str, self._shape))}", self.path)
+            self.check_labels([label], lambda i: (
+                self.path, None, f"entry {key.decode(errors='replace')!r}: "))
+            rng = self.rng(position) if self.transform.random else None
+            images.append(self.transform(image, rng,
+                                         f"entry {key.decode(errors='replace')!r}"))
+            labels.append(label)
         arrays = [np.stack(images), np.asarray(labels, dtype=np.float32)]
         return arrays[:len(self.tops)]
 
@@ -516,7 +539,7 @@ class HDF5Source(Source):
         rows, shapes, dtypes = [], None, {}
         for index, path in enumerate(self.files):
             with self._open(index) as handle:
-                found = []
+                found, widths = [], []
                 for top in self.tops:
                     if top not in handle or not hasattr(handle[top], "shape"):
                         raise CaffeFormatError(
@@ -525,10 +548,12 @@ class HDF5Source(Source):
                             path)
                     found.append(tuple(handle[top].shape))
                     wide = handle[top].dtype == np.float64
+                    widths.append(8 if wide else 4)
                     dtypes[top] = np.float64 if wide or dtypes.get(top) == np.float64 \
                         else np.float32
             if any(len(shape) < 1 for shape in found):
                 raise CaffeFormatError(f"{self.layer}: a dataset has no axes", path)
+            self._check_file_size(path, found, widths)
             counts = {shape[0] for shape in found}
             if len(counts) != 1:
                 raise CaffeFormatError(
@@ -545,6 +570,19 @@ class HDF5Source(Source):
             raise CaffeFormatError(f"{self.layer}: the files hold no rows", self.list_path)
         self._dtypes = [dtypes[top] for top in self.tops]
         return rows, shapes
+
+    def _check_file_size(self, path: Path, shapes, widths) -> None:
+        """What a file declares (``shapes``, and ``widths``: bytes per value as read),
+        before a row is read: Caffe loads each dataset whole into one blob (at most INT_MAX
+        values), and :meth:`_file` holds all of a file's datasets at once, which must fit in
+        memory (a few kilobytes of HDF5 can declare terabytes of rows never written)."""
+        try:
+            size = 0
+            for top, shape, width in zip(self.tops, shapes, widths):
+                size += width * check_count(shape, f"{self.layer}: dataset {top!r}")
+            check_bytes(size, f"{self.layer}: reading the file's datasets whole")
+        except CaffeLayersError as error:
+            raise CaffeFormatError(str(error), path) from None
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -733,12 +771,20 @@ def open_source(param, phase: str = "TRAIN", source_dir: Optional[Path] = None,
 
 def probe_top_shapes(param, source_dir: Optional[Path] = None) -> Optional[List[Shape]]:
     """The top shapes a file-backed data layer will produce, read from its first item as
-    Caffe's ``DataLayerSetUp`` does; None when they cannot be known yet (no reader for the
-    type, the ``data`` extra missing, the source absent or unreadable: the reader reports
-    those when training starts)."""
+    Caffe's ``DataLayerSetUp`` does; None when they cannot be known (no reader for the type,
+    the ``data`` extra missing, the source absent or unreadable: :func:`probe_source` says
+    why)."""
+    return probe_source(param, source_dir)[0]
+
+
+def probe_source(param, source_dir: Optional[Path] = None
+                 ) -> Tuple[Optional[List[Shape]], Optional[CaffeLayersError]]:
+    """``(top shapes, None)`` as :func:`probe_top_shapes`, or ``(None, the error)`` when the
+    layer's source cannot be read, so that whoever needs the shapes can say why they are
+    unknown; ``(None, None)`` for a type without a reader."""
     if param.type not in ("ImageData", "Data", "HDF5Data"):
-        return None
+        return None, None
     try:
-        return open_source(param, "TEST", source_dir).top_shapes()
-    except CaffeLayersError:
-        return None
+        return open_source(param, "TEST", source_dir).top_shapes(), None
+    except CaffeLayersError as error:
+        return None, error

@@ -41,6 +41,8 @@ class Accuracy(CaffeLayer):
     truncated to an integer. No gradient flows through this layer.
     """
 
+    has_backward = False  # Caffe's Backward_cpu is NOT_IMPLEMENTED
+
     __constants__ = ["top_k", "axis", "ignore_label", "per_class"]
 
     def __init__(self, top_k: int = 1, axis: int = 1, ignore_label: Optional[int] = None,
@@ -64,9 +66,10 @@ class Accuracy(CaffeLayer):
         axis = self.canonical_axis(self.axis, len(scores), bottom_shapes)
         outer, classes, inner = count(scores, 0, axis), scores[axis], count(scores, axis + 1)
         if outer * inner != count(labels):
-            raise self.shape_error(bottom_shapes, f"one label per score vector: "
-                                   f"{outer * inner} labels for scores with {classes} "
-                                   f"classes on axis {axis}")
+            raise self.shape_error(bottom_shapes, f"one label per score vector: the scores "
+                                   f"hold {outer * inner} vectors of {classes} classes (on "
+                                   f"axis {axis}), so {outer * inner} labels are expected; "
+                                   f"the labels hold {count(labels)}")
         if self.top_k > classes:
             raise self.shape_error(bottom_shapes, f"top_k {self.top_k} must not exceed the "
                                    f"{classes} classes")

@@ -64,6 +64,9 @@ class CaffeLayer(nn.Module):
     #: built, so that ``from_caffe`` can read the bottoms it needs.
     num_bottoms: ClassVar[Tuple[int, Optional[int]]] = (1, None)
     num_tops: ClassVar[Tuple[int, Optional[int]]] = (0, None)
+    #: Caffe (or the fork) defines a backward pass for the type; False for data layers and
+    #: for outputs that are not differentiated (Accuracy, ArgMax, detection outputs).
+    has_backward: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()

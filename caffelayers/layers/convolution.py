@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import fillers
 from ..errors import ShapeError, UnsupportedParameterError
+from ..limits import check_count
 from ..registry import register_layer
 from .base import BuildContext, CaffeLayer, Shape, repeated
 
@@ -134,6 +135,11 @@ class _ConvolutionBase(CaffeLayer):
         if channels % p.group:
             raise ShapeError(param.name, type_, bottom_shapes,
                              f"{channels} input channels are not a multiple of group {p.group}")
+        # Caffe's INT_MAX on the weight blob, checked before it is made (a kernel_size of
+        # 2e9 would otherwise overflow the size arithmetic of the allocation itself).
+        weight = ((channels, p.num_output // p.group) if type_ == "Deconvolution" else
+                  (p.num_output, channels // p.group)) + tuple(kernel)
+        check_count(weight, f"layer {param.name!r} ({type_}): its weight blob")
         layer = cls(channels, p.num_output, tuple(kernel), tuple(stride), tuple(pad),
                     tuple(dilation), p.group, p.bias_term)
         fillers.fill_weight_and_bias(layer, p, ctx, param.name)

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .. import fillers
-from ..errors import CaffeFormatError
+from ..errors import CaffeFormatError, CaffeLayersError
 from ..registry import register_layer
 from .base import BuildContext, CaffeLayer, Shape
 
@@ -31,6 +31,9 @@ class InputLayer(CaffeLayer):
 
     is_input = True
     num_bottoms = (0, 0)
+    has_backward = False
+    #: why the data source could not tell the shapes left open (see :func:`_probed`).
+    source_error: Optional[CaffeLayersError] = None
 
     def __init__(self, top_shapes: Sequence[Optional[Shape]], hint: str = ""):
         super().__init__()
@@ -98,14 +101,20 @@ def _data_hint(param) -> str:
     return f"--input {param.top[0]}=N,C,H,W" if param.top else ""
 
 
-def _probed(param, ctx: BuildContext, shapes: List[Optional[Shape]]) -> List[Optional[Shape]]:
-    """Where the prototxt leaves a top's shape open, read it from the first item of the data
-    source, as Caffe's ``DataLayerSetUp`` does (unknown when the source cannot be read)."""
-    if all(shape is not None for shape in shapes):
-        return shapes
-    from ..data import probe_top_shapes
+def _probed(cls, param, ctx: BuildContext, shapes: List[Optional[Shape]]) -> "InputLayer":
+    """The layer, with the top shapes that the prototxt leaves open read from the first item
+    of the data source, as Caffe's ``DataLayerSetUp`` does. When the source cannot be read
+    they stay unknown, and the layer keeps the reason (``source_error``) for the error that
+    an unknown input shape becomes."""
+    error = None
+    if not all(shape is not None for shape in shapes):
+        from ..data.sources import probe_source
 
-    return probe_top_shapes(param, ctx.source_dir) or shapes
+        probed, error = probe_source(param, ctx.source_dir)
+        shapes = probed or shapes
+    layer = cls(shapes, _data_hint(param))
+    layer.source_error = error
+    return layer
 
 
 @register_layer("Data")
@@ -117,7 +126,7 @@ class Data(InputLayer):
     def from_caffe(cls, param, bottom_shapes, ctx):
         batch = param.data_param.batch_size
         shapes = _with_label(param, _image_shape(param, batch, None), batch)
-        return cls(_probed(param, ctx, shapes), _data_hint(param))
+        return _probed(cls, param, ctx, shapes)
 
 
 @register_layer("ImageData")
@@ -130,8 +139,7 @@ class ImageData(InputLayer):
         p = param.image_data_param
         channels = 3 if p.is_color else 1
         shape = _image_shape(param, p.batch_size, channels, p.new_height, p.new_width)
-        return cls(_probed(param, ctx, _with_label(param, shape, p.batch_size)),
-                   _data_hint(param))
+        return _probed(cls, param, ctx, _with_label(param, shape, p.batch_size))
 
 
 @register_layer("WindowData")
@@ -163,7 +171,7 @@ class HDF5Data(InputLayer):
 
     @classmethod
     def from_caffe(cls, param, bottom_shapes, ctx):
-        return cls(_probed(param, ctx, [None] * len(param.top)), _data_hint(param))
+        return _probed(cls, param, ctx, [None] * len(param.top))
 
 
 @register_layer("DummyData")
@@ -176,6 +184,7 @@ class DummyData(CaffeLayer):
     """
 
     num_bottoms = (0, 0)
+    has_backward = False
 
     def __init__(self, top_shapes: Sequence[Shape], fillers_=None):
         super().__init__()
@@ -188,10 +197,19 @@ class DummyData(CaffeLayer):
     @classmethod
     def from_caffe(cls, param, bottom_shapes, ctx):
         p = param.dummy_data_param
+        legacy = [p.num, p.channels, p.height, p.width]
+        if p.shape and any(legacy):
+            raise CaffeFormatError(f"layer {param.name!r} (DummyData): give shape, or "
+                                   "num/channels/height/width, not both")
         if p.shape:
             shapes = [_checked_dims(s.dim, param, "dummy_data_param.shape") for s in p.shape]
         else:
-            legacy = [p.num, p.channels, p.height, p.width]
+            # Caffe's CHECKs: each legacy field has one value, or one per top.
+            if any(len(field) not in (1, len(param.top)) for field in legacy):
+                raise CaffeFormatError(
+                    f"layer {param.name!r} (DummyData): num, channels, height and width take "
+                    f"one value each, or one per top ({len(param.top)} tops); got "
+                    f"{', '.join(str(len(field)) for field in legacy)} values")
             size = max(len(field) for field in legacy)
             shapes = [_checked_dims([field[i if len(field) > 1 else 0] for field in legacy],
                                     param, "dummy_data_param") for i in range(size)]

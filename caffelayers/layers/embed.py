@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import fillers
 from ..errors import UnsupportedParameterError
+from ..limits import check_count
 from ..registry import register_layer
 from .base import BuildContext, CaffeLayer, Shape, as_labels, check_label_range
 
@@ -62,6 +63,8 @@ class Embed(CaffeLayer):
                 raise UnsupportedParameterError(
                     f"layer {param.name!r} (Embed): embed_param.{field} is "
                     f"{getattr(p, field)}, it must be positive")
+        # Caffe's INT_MAX on the table, checked before it is made.
+        check_count((p.input_dim, p.num_output), f"layer {param.name!r} (Embed): its weight blob")
         layer = cls(p.input_dim, p.num_output, p.bias_term)
         fillers.fill_weight_and_bias(layer, p, ctx, param.name)
         return layer

@@ -308,6 +308,9 @@ class MarginHead(CaffeLayer):
         self.in_features = int(in_features)
         self.num_classes = int(num_classes)
         self.axis = int(axis)
+        if self.in_features < 1:  # a bottom without values per row: no head to build
+            raise UnsupportedParameterError(f"the bottom has {self.in_features} values per "
+                                            "row (K); a margin head needs at least one")
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_features))
         # Caffe's xavier filler, as MarginInnerProduct; from_caffe applies the prototxt's.
         bound = math.sqrt(3.0 / self.in_features)

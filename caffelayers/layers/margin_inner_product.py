@@ -306,6 +306,9 @@ class MarginInnerProduct(CaffeLayer):
         self.lambda_min = float(lambda_min)
         self.axis = int(axis)
         self.backward = backward
+        if self.in_features < 1:  # a bottom without values per row: no head to build
+            raise UnsupportedParameterError(f"the bottom has {self.in_features} values per "
+                                            "row (K); a margin head needs at least one")
         self.weight = nn.Parameter(torch.empty(self.num_output, self.in_features))
         # Caffe's xavier filler; from_caffe applies the prototxt's own filler instead.
         bound = math.sqrt(3.0 / self.in_features)

@@ -10,12 +10,14 @@ start past the input) pad explicitly and, for AVE, divide by Caffe's divisor ten
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedParameterError
+from ..limits import INT_MAX
 from ..registry import register_layer
 from .base import BuildContext, CaffeLayer, Shape
 
@@ -217,6 +219,17 @@ class Pooling(CaffeLayer):
         ceil_mode = self.round_mode == "CEIL"
         windows = tuple(pooled_size(length, k, s, p, ceil_mode) for length, k, s, p in
                         zip(size, kernel, self.stride, self.pad))
+        # Windows are computed on the input padded to hold all of them; a stride far past the
+        # input (a typo) would make that a huge blob: refused before anything is allocated.
+        extent = tuple(max(length + p, (n - 1) * s + k) for length, k, s, p, n in
+                       zip(size, kernel, self.stride, self.pad, windows))
+        padded = tuple(bottom_shapes[0][:2]) + extent
+        if math.prod(padded) > INT_MAX:
+            raise self.shape_error(
+                bottom_shapes, f"stride {self.stride[0]}x{self.stride[1]} puts windows far past "
+                f"the input; holding them takes the input padded to "
+                f"{'x'.join(map(str, padded))} = {math.prod(padded):,} values, more than a blob "
+                f"holds ({INT_MAX:,})")
         return size, kernel, windows
 
     def output_shapes(self, bottom_shapes: Sequence[Shape]) -> List[Shape]:

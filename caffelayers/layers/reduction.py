@@ -122,6 +122,8 @@ class ArgMax(CaffeLayer):
     no backward for ArgMax; here its top is not differentiable.
     """
 
+    has_backward = False  # Caffe's Backward_cpu is NOT_IMPLEMENTED
+
     __constants__ = ["top_k", "out_max_val", "axis"]
 
     def __init__(self, top_k: int = 1, out_max_val: bool = False, axis: Optional[int] = None):

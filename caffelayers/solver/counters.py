@@ -51,7 +51,7 @@ def read_counters(path: Path, iteration: int) -> Optional[Dict[str, Mapping]]:
         return None
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: nested too deep
         raise CaffeFormatError(f"not a caffelayers counters file ({error})", path) from None
     nets = saved.get("nets") if isinstance(saved, dict) else None
     if not isinstance(nets, dict) or not all(

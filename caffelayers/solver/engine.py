@@ -201,13 +201,14 @@ class Solver:
                               self.param.train_state if self.param.HasField("train_state")
                               else None)
         self.net = Net(source, phase=state[0], level=state[1], stages=state[2], seed=seed,
-                       **self._net_options)
+                       source_file=self._inline_file(source), **self._net_options)
         self.test_nets: List[Net] = []
         for index, (test_source, test_param) in enumerate(self._test_net_sources()):
             test_state = self.param.test_state[index] if len(self.param.test_state) else None
             phase, level, stages = _merged_state("TEST", test_param.state, test_state)
             self.test_nets.append(Net(test_source, phase=phase, level=level, stages=stages,
                                       seed=None if seed is None else seed + 1 + index,
+                                      source_file=self._inline_file(test_source),
                                       **self._net_options))
         for path in weight_files:
             for net in [self.net] + self.test_nets:
@@ -579,6 +580,11 @@ class Solver:
         return nets
 
     # -- files -----------------------------------------------------------------------------
+    def _inline_file(self, source) -> Optional[str]:
+        """The solver file, for a net written inside it (``net_param``): errors in that net
+        name the solver and the layer's line there."""
+        return None if isinstance(source, (str, Path)) else self.path
+
     def _where(self) -> str:
         return self.path or "<SolverParameter>"
 

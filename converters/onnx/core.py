@@ -18,6 +18,14 @@ Batch: unless ``static_batch``, axis 0 of every input of the net's batch size is
 symbolic ``batch``. Which axes of every other blob follow the batch is found by running the
 layers' shape rules at a second batch size, so reshape-like emitters can put ``-1`` on the
 one axis that varies.
+
+Height and width: unless ``static_shape``, the axes after the channels of every image-like
+input (rank 3 or more) are symbolic (``height`` and ``width``) when the net is fully
+convolutional: the layers' shape rules still hold at twice the prototxt's size, and every
+layer whose blobs change size there is one whose emitter writes nothing that depends on the
+size (:data:`ANY_SIZE`). One layer that fixes the size (an InnerProduct, a Reshape to fixed
+dims, a Crop to a fixed size) keeps every input at the prototxt's size;
+:func:`fixed_size_reason` says which.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ...errors import (CaffeLayersError, ShapeError, UnknownLayerError,
                        UnsupportedParameterError)
 from ...registry import EMITTERS, LAYERS
+from .sizes import SizePlan
 
 #: The opset emitted unless told otherwise, and the oldest one the emitters can write.
 DEFAULT_OPSET = 17
@@ -51,10 +60,24 @@ BATCH = "batch"
 OUTPUTS_METADATA = "caffelayers.outputs"
 
 #: Caffe types that have no ONNX emitter on purpose, with the reason given to the user.
-UNSUPPORTED: Dict[str, str] = {}
+UNSUPPORTED: Dict[str, str] = {
+    "MultiBoxLoss": "SSD's training loss, whose greedy matching and hard-negative mining are "
+                    "data-dependent loops (train it with caffelayers.Net)",
+}
 
 Shape = Tuple[int, ...]
 Names = Union[None, int, str, Sequence[str]]
+
+def fixed_size_reason(net, static_shape: bool = False) -> Optional[str]:
+    """Why :func:`convert_to_onnx` keeps the net's input height and width at the
+    prototxt's size, or None when they are symbolic (``height``, ``width``) and the model
+    runs at any size the net accepts.
+
+    The rule: every input of rank 3 or more gets symbolic axes after the channels unless
+    ``static_shape``, or a layer fixes them: its shape rule fails at another size, or its
+    blobs change size and its emitter writes a size into the graph (:data:`ANY_SIZE`).
+    """
+    return SizePlan(_graph_of(net), static_shape).reason
 
 
 def _unique(name: str, taken: set) -> str:
@@ -86,6 +109,8 @@ class EmitContext:
         graph: the ``NetGraph`` being converted.
         opset: the ONNX opset (default domain) the model declares.
         static_batch: whether every shape is fixed at the net's batch size.
+        dynamic_size: whether the inputs' height and width are symbolic
+            (:meth:`follows_size` tells the emitters which layers see them change).
         nodes, inputs, value_info: the ONNX graph built so far.
         initializers: the initializers so far, kept in the model being built
             (``model.graph.initializer``), so that no tensor is copied into it afterwards.
@@ -93,10 +118,11 @@ class EmitContext:
     """
 
     def __init__(self, graph, opset: int = DEFAULT_OPSET, static_batch: bool = False,
-                 defer_values: bool = False):
+                 defer_values: bool = False, static_shape: bool = False):
         self.graph = graph
         self.opset = int(opset)
         self.static_batch = bool(static_batch)
+        self._size = SizePlan(graph, static_shape)
         self.nodes: List[onnx.NodeProto] = []
         self.model = onnx.ModelProto()
         self.inputs: List[onnx.ValueInfoProto] = []
@@ -104,7 +130,8 @@ class EmitContext:
         self.node: Optional[object] = None  # the layer being emitted
         self._taken = set(graph.blob_shapes)
         self._current: Dict[str, str] = {}  # Caffe blob -> ONNX name of its latest value
-        self._shapes: Dict[str, Tuple[Shape, Shape]] = {}  # ONNX value -> (build, probe)
+        # ONNX value -> its shape at the build, at the probe batch and at the probe size
+        self._shapes: Dict[str, Tuple[Shape, Shape, Shape]] = {}
         self._initializer_arrays: Dict[str, np.ndarray] = {}
         # With defer_values, large initializers get their type and shape only; their
         # values stay in _initializer_arrays until export_onnx writes them to the file.
@@ -170,6 +197,26 @@ class EmitContext:
     def probe_shapes(self, node) -> Tuple[List[Shape], List[Shape]]:
         """``(bottom_shapes, top_shapes)`` of ``node`` at the probe batch size."""
         return self._probe[id(node)]
+
+    # -- height and width ----------------------------------------------------------------
+    @property
+    def dynamic_size(self) -> bool:
+        """Whether the inputs' height and width are symbolic (see the module docstring)."""
+        return self._size.reason is None
+
+    @property
+    def fixed_size_reason(self) -> Optional[str]:
+        """Why height and width stay at the prototxt's size (None when they are symbolic)."""
+        return self._size.reason
+
+    def follows_size(self, node) -> bool:
+        """Whether ``node``'s blobs change with the inputs' height and width, so that its
+        emitter must write nothing that depends on them."""
+        if not self.dynamic_size:
+            return False
+        bottoms, tops = self._size.probe[id(node)]
+        return ([tuple(s) for s in bottoms + tops] !=
+                [tuple(s) for s in list(node.bottom_shapes) + list(node.top_shapes)])
 
     def flexible(self, build: Sequence[int], probe: Sequence[int]) -> List[int]:
         """A reshape target: ``build`` with ``-1`` on the one axis that follows the batch.
@@ -308,11 +355,13 @@ class EmitContext:
     def add_input(self, name: str, shape: Sequence[int], elem_type: int = TensorProto.FLOAT,
                   batched: Optional[bool] = None) -> str:
         """Declare a graph input; axis 0 is the symbolic batch when ``batched`` (by default,
-        when the batch is dynamic and axis 0 has the net's batch size)."""
+        when the batch is dynamic and axis 0 has the net's batch size), and the axes after
+        the channels are symbolic when the input's height and width are."""
         shape = tuple(shape)
         if batched is None:
             batched = self._is_batched_input(shape)
-        dims = [BATCH if batched and i == 0 else d for i, d in enumerate(shape)]
+        sized = self._size.axes.get(name, {})
+        dims = [BATCH if batched and i == 0 else sized.get(i, d) for i, d in enumerate(shape)]
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, dims))
         self._taken.add(name)
         return name
@@ -324,10 +373,13 @@ class EmitContext:
         return UnsupportedParameterError(f"{where}{message} (ONNX export)")
 
     # -- values of Caffe blobs -----------------------------------------------------------
-    def _value_dims(self, build: Shape, probe: Shape) -> List[Union[int, str, None]]:
+    def _value_dims(self, build: Shape, probe: Shape, sized: Shape
+                    ) -> List[Union[int, str, None]]:
         dims: List[Union[int, str, None]] = []
-        for a, b in zip(build, probe):
-            if a == b:
+        for a, b, c in zip(build, probe, sized):
+            if a != c:
+                dims.append(None)  # follows the height or width: left to shape inference
+            elif a == b:
                 dims.append(a)
             elif a == self.batch and b == self.probe_batch:
                 dims.append(BATCH)
@@ -336,9 +388,8 @@ class EmitContext:
         return dims
 
     def value_info_for(self, value: str) -> onnx.ValueInfoProto:
-        build, probe = self._shapes[value]
         return helper.make_tensor_value_info(value, TensorProto.FLOAT,
-                                             self._value_dims(build, probe))
+                                             self._value_dims(*self._shapes[value]))
 
     def _emit(self, node) -> None:
         """Run ``node``'s emitter; its tops are bound to their names even when it raises,
@@ -357,9 +408,11 @@ class EmitContext:
 
     def _bind_tops(self, node, tops: List[str]) -> None:
         _, probe_tops = self.probe_shapes(node)
-        for top, value, build, probe in zip(node.tops, tops, node.top_shapes, probe_tops):
+        _, sized_tops = self._size.probe.get(id(node), (None, node.top_shapes))
+        for top, value, build, probe, sized in zip(node.tops, tops, node.top_shapes,
+                                                   probe_tops, sized_tops):
             self._current[top] = value
-            self._shapes[value] = (tuple(build), tuple(probe))
+            self._shapes[value] = (tuple(build), tuple(probe), tuple(sized))
             if not node.is_input:
                 self.value_info.append(self.value_info_for(value))
 
@@ -411,8 +464,8 @@ def _graph_of(net):
 
 
 def convert_to_onnx(net, opset: int = DEFAULT_OPSET, static_batch: bool = False,
-                    outputs: Optional[Iterable[str]] = None, check: bool = True
-                    ) -> onnx.ModelProto:
+                    outputs: Optional[Iterable[str]] = None, check: bool = True,
+                    static_shape: bool = False) -> onnx.ModelProto:
     """Convert a built ``caffelayers.Net`` (or its ``NetGraph``) to an ONNX model.
 
     Args:
@@ -423,6 +476,9 @@ def convert_to_onnx(net, opset: int = DEFAULT_OPSET, static_batch: bool = False,
         outputs: Caffe blobs to expose as graph outputs besides the net's own outputs (each
             as its last value; input blobs are left out, they are the inputs).
         check: run ONNX's full checker (:func:`check_model`) on the model.
+        static_shape: keep the inputs' height and width at the prototxt's size even where
+            the net is fully convolutional (by default they are then the symbolic
+            ``height`` and ``width``; :func:`fixed_size_reason` says why a net keeps them).
 
     Returns:
         The model. Its metadata ``caffelayers.outputs`` maps each graph output to its blob.
@@ -432,10 +488,12 @@ def convert_to_onnx(net, opset: int = DEFAULT_OPSET, static_batch: bool = False,
         UnsupportedParameterError: listing every layer whose settings ONNX cannot express
             (Dropout in a TRAIN net, for example).
     """
-    return _convert(net, opset, static_batch, outputs, check, defer_values=False).model
+    return _convert(net, opset, static_batch, outputs, check, defer_values=False,
+                    static_shape=static_shape).model
 
 
-def _convert(net, opset, static_batch, outputs, check, defer_values) -> EmitContext:
+def _convert(net, opset, static_batch, outputs, check, defer_values,
+             static_shape=False) -> EmitContext:
     """:func:`convert_to_onnx`, returning the context (its ``model``, and the ``deferred``
     values of large initializers when ``defer_values``)."""
     if not MIN_OPSET <= int(opset) <= onnx.defs.onnx_opset_version():
@@ -443,7 +501,7 @@ def _convert(net, opset, static_batch, outputs, check, defer_values) -> EmitCont
                                f"{onnx.defs.onnx_opset_version()} (default {DEFAULT_OPSET})")
     graph = _graph_of(net)
     check_convertible(graph)
-    ctx = EmitContext(graph, opset, static_batch, defer_values)
+    ctx = EmitContext(graph, opset, static_batch, defer_values, static_shape)
     problems = []
     for node in graph.nodes:
         try:
@@ -751,7 +809,8 @@ def _save(model: onnx.ModelProto, path, external_data_threshold: int, check: boo
 
 def export_onnx(net, path, opset: int = DEFAULT_OPSET, static_batch: bool = False,
                 outputs: Optional[Iterable[str]] = None, check: bool = True,
-                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> List[Path]:
+                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                static_shape: bool = False) -> List[Path]:
     """``save_onnx(convert_to_onnx(net, ...), path)`` without a model in memory: the large
     tensors go from the net's parameters straight to the file, so converting costs the
     graph and one tensor at most, not a second copy of the weights.
@@ -761,5 +820,6 @@ def export_onnx(net, path, opset: int = DEFAULT_OPSET, static_batch: bool = Fals
     Returns:
         The files written (the model, and its external data past the threshold).
     """
-    ctx = _convert(net, opset, static_batch, outputs, check, defer_values=True)
+    ctx = _convert(net, opset, static_batch, outputs, check, defer_values=True,
+                   static_shape=static_shape)
     return _save(ctx.model, path, external_data_threshold, check, ctx.deferred)

@@ -24,7 +24,7 @@ from typing import Dict, List, Mapping, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from caffelayers.errors import CaffeLayersError, UnknownLayerError
+from caffelayers.errors import CaffeLayersError, UnknownLayerError, shape_text
 from caffelayers.registry import LAYERS
 
 from . import emit_layers, emit_neuron, emit_project, emit_shape  # noqa: F401  (registers)
@@ -135,7 +135,7 @@ def generate_pytorch(net, class_name: str = "CaffeNet") -> GeneratedModel:
     graph = net.graph
     missing = missing_emitters(graph)
     if missing:
-        raise UnknownLayerError(missing, what="a PyTorch source emitter", how=_HOW)
+        raise UnknownLayerError(missing, what="PyTorch source emitter", how=_HOW)
     writer = _Writer(graph)
     for node in graph.nodes:
         if node.is_input:
@@ -147,10 +147,6 @@ def generate_pytorch(net, class_name: str = "CaffeNet") -> GeneratedModel:
     source = _assemble(writer, net, class_name, inputs, outputs)
     return GeneratedModel(source, writer.state, class_name, inputs, outputs,
                           writer.imported_layers)
-
-
-def _shape_text(shape) -> str:
-    return "?" if shape is None else "x".join(map(str, shape)) or "scalar"
 
 
 def _indented(lines: List[str], indent: str) -> List[str]:
@@ -165,13 +161,18 @@ def _indented(lines: List[str], indent: str) -> List[str]:
     return result
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def _docstring(paragraphs: List[str], indent: str) -> List[str]:
     """A docstring of wrapped paragraphs; a paragraph starting with spaces is kept as is.
-    Backslashes and quotes from Caffe names are escaped so that they cannot end it."""
+    Backslashes and quotes from Caffe names are escaped so that they cannot end it, and
+    control characters (a NUL is not allowed in Python source) are written as escapes."""
     width = LINE_WIDTH - len(indent)
     lines: List[str] = []
     for paragraph in paragraphs:
         paragraph = paragraph.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+        paragraph = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", paragraph)
         if lines:
             lines.append("")
         if paragraph.startswith(" "):
@@ -214,9 +215,9 @@ def _assemble(writer: _Writer, net, class_name: str, inputs: List[str],
 
     graph = writer.graph
     arguments = [writer.variable[name] for name in inputs]
-    described_inputs = ", ".join(f"{name} ({_shape_text(graph.blob_shapes.get(name))})"
+    described_inputs = ", ".join(f"{name} ({shape_text(graph.blob_shapes.get(name))})"
                                  for name in inputs)
-    described_outputs = ", ".join(f"{name} ({_shape_text(graph.blob_shapes.get(name))})"
+    described_outputs = ", ".join(f"{name} ({shape_text(graph.blob_shapes.get(name))})"
                                   for name in outputs)
     single = len(outputs) == 1
     returns = "torch.Tensor" if single else "dict[str, torch.Tensor]"

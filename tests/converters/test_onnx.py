@@ -242,8 +242,8 @@ def test_every_unsupported_setting_is_listed_at_once():
         convert_to_onnx(Net(io.parse_prototxt(text), phase="TRAIN"))
 
 
-class Swish(CaffeLayer):
-    """x * sigmoid(x): a user's own layer type."""
+class SiLU(CaffeLayer):
+    """x * sigmoid(x): a user's own layer type (a name no fork uses)."""
 
     @classmethod
     def from_caffe(cls, param, bottom_shapes, ctx):
@@ -257,15 +257,15 @@ class Swish(CaffeLayer):
 
 
 def test_a_users_own_emitter(monkeypatch):
-    monkeypatch.setitem(LAYERS, "Swish", Swish)
+    monkeypatch.setitem(LAYERS, "SiLU", SiLU)
 
-    def emit_swish(ctx, node):
+    def emit_silu(ctx, node):
         (x,), (top,) = ctx.bottoms(node), ctx.tops(node)
         ctx.op("Mul", [x, ctx.op("Sigmoid", [x])], top)
 
-    monkeypatch.setitem(EMITTERS, "Swish", emit_swish)
+    monkeypatch.setitem(EMITTERS, "SiLU", emit_silu)
     text = ('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
-            'layer { name: "sw" type: "Swish" bottom: "x" top: "x" }\n')
+            'layer { name: "sw" type: "SiLU" bottom: "x" top: "x" }\n')
     model = convert_to_onnx(Net(io.parse_prototxt(text)))
     x = np.linspace(-3, 3, 6, dtype=np.float32).reshape(2, 3)
     np.testing.assert_allclose(run_onnx(model, {"x": x})["x"], x / (1 + np.exp(-x)), rtol=1e-6)
