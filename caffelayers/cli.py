@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 import warnings
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from .errors import CaffeLayersError, shape_text
+from .options import add_net_state_options, add_unknown_fields_option
 from .registry import LAYERS
 from .train import add_train_parser
 
@@ -206,14 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("net", help="net .prototxt")
     inspect.add_argument("weights", nargs="?", help=".caffemodel to check against the net")
     inspect.add_argument("--phase", default="TEST", type=str.upper, choices=["TRAIN", "TEST"])
-    inspect.add_argument("--stage", action="append", default=[],
-                         help="a NetState stage for include/exclude rules (repeatable)")
-    inspect.add_argument("--level", type=int, default=0, help="the NetState level")
-    inspect.add_argument("--input", action="append", default=[], metavar="NAME=N,C,H,W",
-                         help="shape of an input blob the prototxt leaves open (repeatable)")
+    add_net_state_options(inspect)
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
-    inspect.add_argument("--allow-unknown-fields", action="store_true",
-                         help="skip fields from other Caffe forks, with a warning")
+    add_unknown_fields_option(inspect)
     inspect.set_defaults(run=cmd_inspect)
 
     verify = sub.add_parser("verify", help="replay a Caffe reference case and compare")
@@ -238,8 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-o", "--output", required=True,
                          help="output file (onnx, torchscript) or directory (pytorch)")
     convert.add_argument("--phase", default="TEST", type=str.upper, choices=["TRAIN", "TEST"])
-    convert.add_argument("--input", action="append", default=[], metavar="NAME=N,C,H,W",
-                         help="shape of an input blob the prototxt leaves open (repeatable)")
+    add_net_state_options(convert)
     convert.add_argument("--opset", type=int, default=17, help="ONNX opset (13 or newer)")
     convert.add_argument("--static-batch", action="store_true",
                          help="fix the batch dimension of the ONNX model")
@@ -255,11 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--seed", type=int, default=0, help="filler seed without weights")
     convert.add_argument("--rtol", type=float, default=1e-4)
     convert.add_argument("--atol", type=float, default=1e-6)
-    convert.add_argument("--stage", action="append", default=[],
-                         help="a NetState stage for include/exclude rules (repeatable)")
-    convert.add_argument("--level", type=int, default=0, help="the NetState level")
-    convert.add_argument("--allow-unknown-fields", action="store_true",
-                         help="skip fields from other Caffe forks, with a warning")
+    add_unknown_fields_option(convert)
     convert.add_argument("--outputs", metavar="BLOB,...",
                          help="cut the net at these blobs: only the layers computing them are "
                               "converted (the loss and accuracy layers of a training net "

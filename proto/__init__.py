@@ -1,9 +1,13 @@
 """The Caffe schema and its files.
 
 ``caffe_pb2`` is generated from ``caffe.proto`` (BVLC Caffe's messages, field names and
-numbers, plus SphereFace's ``margin_inner_product_param``); :mod:`.io` reads and writes
-.prototxt, .caffemodel and .binaryproto files, :mod:`.upgrade` brings V0/V1 nets and old
-fields up to date, and :mod:`.netstate` keeps the layers of one phase, level and stage set.
+numbers, and the fields of every Caffe fork we read: SphereFace, SSD, OpenCV, Faster R-CNN,
+R-FCN, SegNet, DeepLab, PSPNet, NVCaffe, CaffeOnSpark, ShuffleNet, MobileNet forks);
+:mod:`.forks` holds the forks' field numbers and which fork a layer type comes from;
+:mod:`.io` reads and writes .prototxt, .caffemodel and .binaryproto files, through
+:mod:`.text` (the text format with its checks) and :mod:`.wire` (binary files at the wire
+level, fork fields decoded by layer type); :mod:`.upgrade` brings V0/V1 nets and old fields
+up to date, and :mod:`.netstate` keeps the layers of one phase, level and stage set.
 """
 
 from .io import (array_to_blob, blob_shape, blob_to_array, read_binaryproto, read_caffemodel,

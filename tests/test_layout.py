@@ -102,3 +102,13 @@ def test_wheel_holds_real_files_and_imports(wheel, tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     check_modules(import_all(work, pythonpath=str(tmp_path / "site")), tmp_path / "site")
+
+
+def test_no_module_is_over_900_lines():
+    """Each file has one job; past 900 lines a module is doing several (the generated
+    caffe_pb2.py aside)."""
+    files = {path.resolve() for folder in ("caffelayers", "proto", "converters")
+             for path in (ROOT / folder).rglob("*.py") if path.name != "caffe_pb2.py"}
+    long = {str(path.relative_to(ROOT)): n for path in files
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > 900}
+    assert not long, f"modules over 900 lines: {long}"

@@ -21,6 +21,7 @@ from typing import Dict, List
 import torch
 
 from ..errors import CaffeLayersError
+from ..options import add_net_state_options
 
 __all__ = ["add_parser", "cmd_test", "cpp_float", "score"]
 
@@ -94,8 +95,7 @@ def score(model: str, weights: str, iterations: int = 50, stages=(), level: int 
 
 
 def cmd_test(args) -> int:
-    stages = [stage for stage in (args.stage or "").split(",") if stage]
-    result = score(args.model, args.weights, args.iterations, stages, args.level, args.device)
+    result = score(args.model, args.weights, args.iterations, args.stage, args.level, args.device)
     if args.json:
         print(json.dumps({"iterations": args.iterations,
                           "batches": [[{"output": n, "value": v} for n, v in row]
@@ -127,8 +127,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--weights", required=True,
                         help="trained .caffemodel(s), comma-separated")
     parser.add_argument("--iterations", type=int, default=50, help="batches to score")
-    parser.add_argument("--stage", default="", help="NetState stages, comma-separated")
-    parser.add_argument("--level", type=int, default=0, help="NetState level")
+    add_net_state_options(parser, inputs=False)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--json", action="store_true", help="the numbers as one JSON object")
     parser.set_defaults(run=cmd_test)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 from ..errors import CaffeLayersError, shape_text
+from ..options import add_net_state_options
 
 __all__ = ["DrawNode", "add_parser", "cmd_draw", "layout", "net_drawing", "to_dot", "to_svg"]
 
@@ -290,8 +291,7 @@ def cmd_draw(args) -> int:
     suffix = Path(args.output).suffix.lower()
     if suffix not in (".svg", ".png", ".dot"):
         raise CaffeLayersError(f"-o {args.output}: write .svg, .png or .dot")
-    stages = [stage for stage in (args.stage or "").split(",") if stage]
-    net_param, source_dir = load_net_param(args.net, args.phase, args.level, stages)
+    net_param, source_dir = load_net_param(args.net, args.phase, args.level, args.stage)
     graph = build_graph(net_param, parse_input_specs(args.input),
                         BuildContext(phase=args.phase, source_dir=source_dir,
                                      source_file=Path(args.net), fill=False),
@@ -322,9 +322,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="left to right or top to bottom (Caffe's default is LR)")
     parser.add_argument("--phase", default="TEST", type=str.upper, choices=["TRAIN", "TEST"],
                         help="the layers of this phase")
-    parser.add_argument("--stage", default="", help="NetState stages, comma-separated")
-    parser.add_argument("--level", type=int, default=0, help="NetState level")
-    parser.add_argument("--input", action="append", default=[], metavar="NAME=N,C,H,W",
-                        help="shape of an input blob the prototxt leaves open (repeatable)")
+    add_net_state_options(parser)
     parser.set_defaults(run=cmd_draw)
     return parser

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import CaffeLayersError
+from ..options import add_net_state_options
 from .caffe_test import cpp_float as _c
 
 __all__ = ["add_parser", "cmd_time", "layer_of_node", "time_net", "time_onnxruntime"]
@@ -287,9 +288,8 @@ def cmd_time(args) -> int:
     from ..graph import parse_input_specs
     from ..net import Net
 
-    stages = [stage for stage in (args.stage or "").split(",") if stage]
     phase = args.phase or ("TRAIN" if args.runtime == "torch" else "TEST")
-    net = Net(args.model, phase=phase, level=args.level, stages=stages,
+    net = Net(args.model, phase=phase, level=args.level, stages=args.stage,
               inputs=parse_input_specs(args.input) or None, seed=args.seed,
               device=args.device if args.runtime == "torch" else "cpu")
     say = (lambda line: None) if args.json else print
@@ -339,10 +339,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--phase", type=str.upper, choices=["TRAIN", "TEST"],
                         help="net phase; TRAIN as Caffe's time for the torch runtime, TEST "
                              "(the phase that converts) for onnxruntime")
-    parser.add_argument("--stage", default="", help="NetState stages, comma-separated")
-    parser.add_argument("--level", type=int, default=0, help="NetState level")
-    parser.add_argument("--input", action="append", default=[], metavar="NAME=N,C,H,W",
-                        help="shape of an input blob the prototxt leaves open (repeatable)")
+    add_net_state_options(parser)
     parser.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
                         help="the Net layer by layer, or its ONNX conversion in onnxruntime "
                              "(forward only)")
