@@ -123,7 +123,7 @@ def cmd_verify(args) -> int:
 
 def cmd_convert(args) -> int:
     from . import convert
-    from .graph import _located, build_graph, load_net_param, parse_input_specs
+    from .graph import located, build_graph, load_net_param, parse_input_specs
     from .layers.base import BuildContext
     from .net import Net
     from .verify import compare_forward, load_reference, reshape_to_reference
@@ -139,7 +139,7 @@ def cmd_convert(args) -> int:
     graph = build_graph(net_param, inputs, BuildContext(phase=args.phase, source_dir=source_dir,
                                                         source_file=Path(args.net), fill=False),
                         device="meta", strict=False)
-    with _located(Path(args.net)):
+    with located(Path(args.net)):
         convert.check_convertible(graph, args.to)  # every layer it cannot convert, at once
         preprocess = convert.preprocess_spec(net_param, source_dir, graph.inputs)
     if not args.weights:

@@ -140,7 +140,7 @@ def layer_line(path: Path, layer_name: str) -> Optional[int]:
 
 
 @contextlib.contextmanager
-def _located(path: Optional[Path], layer_name: Optional[str] = None):
+def located(path: Optional[Path], layer_name: Optional[str] = None):
     """Prefix a layer's build or shape error with ``FILE:LINE:`` of the layer in the prototxt
     (the layer's own errors name the layer but cannot know where it is written); without a
     layer name, with the file alone."""
@@ -155,7 +155,7 @@ def _located(path: Optional[Path], layer_name: Optional[str] = None):
             error.args = (error._compose(),)
         else:
             error.args = (f"{path}{'' if line is None else f':{line}'}: {error}",)
-            error.path = str(path)  # located once: an enclosing _located leaves it alone
+            error.path = str(path)  # located once: an enclosing located leaves it alone
         raise
 
 
@@ -245,7 +245,7 @@ def build_graph(net_param, input_shapes: Optional[Mapping[str, Sequence[int]]] =
         how = 'register one with @caffelayers.register_layer("TYPE")'
         if any(type_ == "Python" for _, type_ in unknown):
             how += "; " + PYTHON_LAYER_NOTE
-        with _located(ctx.source_file, unknown[0][0] if len(unknown) == 1 else None):
+        with located(ctx.source_file, unknown[0][0] if len(unknown) == 1 else None):
             raise UnknownLayerError(unknown, how=how)
 
     blob_shapes: Dict[str, Optional[Shape]] = {}
@@ -255,7 +255,7 @@ def build_graph(net_param, input_shapes: Optional[Mapping[str, Sequence[int]]] =
     open_inputs: List[Tuple[Node, str]] = []  # input tops whose shape nobody gave
     budget = _Budget(allocating=torch.device(device).type != "meta")
     # Errors of the net as a whole (a bottom nobody produces) name the prototxt too.
-    with _located(ctx.source_file):
+    with located(ctx.source_file):
         for param in net_param.layer:
             node = Node(param.name, layer_type(param), list(param.bottom), list(param.top),
                         param)
@@ -271,7 +271,7 @@ def build_graph(net_param, input_shapes: Optional[Mapping[str, Sequence[int]]] =
             cls = LAYERS.get(node.type)
             if cls is not None and all(s is not None for s in node.bottom_shapes):
                 layer_ctx = dataclasses.replace(ctx, fill=ctx.fill and param.name not in no_fill)
-                with _located(ctx.source_file, param.name), _in_layer(param, node.bottom_shapes):
+                with located(ctx.source_file, param.name), _in_layer(param, node.bottom_shapes):
                     _check_blob_counts(cls, param)
                     if budget.allocating and not getattr(cls, "is_input", False):
                         budget.add(node, _parameter_shapes(cls, param, node.bottom_shapes, layer_ctx))
@@ -295,7 +295,7 @@ def build_graph(net_param, input_shapes: Optional[Mapping[str, Sequence[int]]] =
                         used_inputs.add(top)
                     elif node.top_shapes[i] is None:
                         open_inputs.append((node, top))
-            with _located(ctx.source_file, param.name):
+            with located(ctx.source_file, param.name):
                 budget.add(node, {f"top {t!r}": shape for t, shape in
                                   zip(node.tops, node.top_shapes) if shape is not None})
             node.loss_weights = _loss_weights(param, node.module, len(node.tops))
@@ -373,7 +373,7 @@ def reshape_graph(graph: NetGraph, input_shapes: Mapping[str, Sequence[int]],
     budget = _Budget(allocating=True)
     for node in graph.nodes:
         bottoms = [shapes[b] for b in node.bottoms]
-        with _located(source_file, node.name), _in_layer(node.param, bottoms):
+        with located(source_file, node.name), _in_layer(node.param, bottoms):
             if node.is_input:
                 tops = [tuple(int(d) for d in input_shapes[t]) if t in input_shapes else shape
                         for t, shape in zip(node.tops, node.top_shapes)]

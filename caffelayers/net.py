@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import CaffeFormatError, CaffeLayersError, shape_text
-from .graph import _located, build_graph, load_net_param, reshape_graph
+from .graph import located, build_graph, load_net_param, reshape_graph
 from .layers.base import BuildContext, CaffeLayer
 
 
@@ -132,7 +132,7 @@ class Net(nn.Module):
             source_file = Path(prototxt)
         elif source_file is not None:
             source_file = Path(source_file)
-        with _located(source_file):
+        with located(source_file):
             net_param, source_dir = load_net_param(prototxt, phase, level, stages,
                                                    allow_unknown_fields)
         #: where the data layers' relative file names are also looked for.
@@ -141,7 +141,7 @@ class Net(nn.Module):
         self.weights_path = None if weights is None else str(weights)
         trained = read_weights(weights, lazy=True) if weights is not None else {}
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self._source_file = source_file
+        self.source_file = source_file
         self._dtype, self._device = dtype, torch.device(device)
         ctx = BuildContext(phase=self.phase, source_dir=source_dir, source_file=source_file,
                            generator=generator,
@@ -274,7 +274,7 @@ class Net(nn.Module):
         pyramid through a fully convolutional net); a layer whose weights fix a size
         (InnerProduct after the convolutions) refuses with its name.
         """
-        reshape_graph(self.graph, input_shapes, self._source_file)
+        reshape_graph(self.graph, input_shapes, self.source_file)
 
     def forward(self, **inputs) -> Dict[str, torch.Tensor]:
         """Run every layer in order; returns the net's output blobs by name.

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import CaffeFormatError, CaffeLayersError
+from ..graph import located
 from .sources import ArraySource, LabelRule, Source, open_source
 
 #: layer types whose second bottom holds class labels, and how many classes they have.
@@ -209,13 +210,15 @@ def data_sources(net, seed: int = 0, arrays: Optional[Mapping[str, np.ndarray]] 
     for node in graph.nodes:
         if not node.is_input:
             continue
-        source = open_source(node.param, net.phase, source_dir, seed, arrays)
-        produced = source.top_shapes()
-        for top, got, expected in zip(node.tops, produced, node.top_shapes):
-            if expected is not None and tuple(got[1:]) != tuple(expected[1:]):
-                raise CaffeLayersError(
-                    f"{source.layer}: its data gives {top!r} items of shape {tuple(got[1:])}, "
-                    f"the net was built for {tuple(expected[1:])}")
+        # A missing or unreadable source names the prototxt and the layer's line.
+        with located(getattr(net, "source_file", None), node.name):
+            source = open_source(node.param, net.phase, source_dir, seed, arrays)
+            produced = source.top_shapes()
+            for top, got, expected in zip(node.tops, produced, node.top_shapes):
+                if expected is not None and tuple(got[1:]) != tuple(expected[1:]):
+                    raise CaffeLayersError(
+                        f"{source.layer}: its data gives {top!r} items of shape "
+                        f"{tuple(got[1:])}, the net was built for {tuple(expected[1:])}")
         for index, top in enumerate(node.tops):
             rules = label_rules(graph, top)
             if not rules:
