@@ -51,6 +51,8 @@ proto: | $(BIN)/python
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# Rewrite the README's layer table from the registry (a test fails while it is stale).
+# Rewrite the README's layer table from the registry and its command synopses from the
+# parser (tests fail while they are stale).
 readme: install
 	$(BIN)/python -c "import re, pathlib; from caffelayers.cli import layer_table; p = pathlib.Path('README.md'); s = p.read_text(); p.write_text(re.sub(r'(<!-- layers:start -->\n).*?(<!-- layers:end -->)', lambda m: m.group(1) + layer_table() + '\n' + m.group(2), s, flags=re.S))"
+	$(BIN)/python -c "import pathlib; from caffelayers.cli import rewrite_readme_synopses; p = pathlib.Path('README.md'); p.write_text(rewrite_readme_synopses(p.read_text()))"

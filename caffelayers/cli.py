@@ -7,12 +7,15 @@ escapes is a bug and keeps its traceback so that it gets reported.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from . import __version__
 from .errors import CaffeLayersError, shape_text
 from .options import add_net_state_options, add_unknown_fields_option
 from .registry import LAYERS
@@ -197,15 +200,91 @@ def cmd_layers(args) -> int:
     return 0
 
 
+def _option_value(action: argparse.Action) -> str:
+    """What follows an option in the synopsis: its choices, its metavar, or its default as an
+    example value."""
+    if action.choices:
+        return "|".join(map(str, action.choices))
+    if action.metavar:
+        return action.metavar
+    if isinstance(action.default, float):  # 0.0001 and 1e-06 as a reader writes them
+        return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{action.default:g}").replace("e+", "e")
+    if action.default not in (None, [], ""):
+        return str(action.default)
+    return action.dest.upper()
+
+
+def _usage_words(parser: argparse.ArgumentParser) -> List[str]:
+    """One word per argument: positionals by their metavar, required options bare, the others
+    in brackets, ``...`` after what may repeat."""
+    words = []
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        if not action.option_strings:
+            name = action.metavar or action.dest.upper()
+            words.append(f"[{name}]" if action.nargs == "?" else
+                         f"{name}..." if action.nargs in ("+", "*") else name)
+            continue
+        word = action.option_strings[0]
+        if action.nargs != 0:
+            word += " " + _option_value(action)
+        repeats = isinstance(action, (argparse._AppendAction, argparse._ExtendAction))
+        words.append((word if action.required else f"[{word}]") + ("..." if repeats else ""))
+    return words
+
+
+def _wrap(words: List[str], width: int) -> List[str]:
+    lines = [words[0]]
+    for word in words[1:]:
+        if len(lines[-1]) + 1 + len(word) > width:
+            lines.append("    " + word)
+        else:
+            lines[-1] += " " + word
+    return lines
+
+
+def synopsis(commands: List[str], width: int = 95) -> str:
+    """The README's fenced ``sh`` block of usage lines for these subcommands, rendered from
+    :func:`build_parser` (``make readme`` writes it; a test fails when it is stale). The
+    first line is the command's own options; a subcommand without arguments gets its help as
+    a comment."""
+    parser = build_parser()
+    subparsers = next(action for action in parser._actions
+                      if isinstance(action, argparse._SubParsersAction))
+    helps = {choice.dest: choice.help for choice in subparsers._choices_actions}
+    lines = _wrap(["caffelayers"] + _usage_words(parser) + ["COMMAND", "..."], width)
+    for name in commands:
+        words = _usage_words(subparsers.choices[name])
+        lines += _wrap(["caffelayers", name] + words, width) if words else \
+            [f"caffelayers {name}  # {helps[name]}"]
+    return "```sh\n" + "\n".join(lines) + "\n```"
+
+
+def rewrite_readme_synopses(text: str) -> str:
+    """``text`` with every block between ``<!-- synopsis: COMMAND ... -->`` and
+    ``<!-- synopsis:end -->`` rendered anew by :func:`synopsis`."""
+    return re.sub(r"(<!-- synopsis: ([^>]*?) -->\n).*?(<!-- synopsis:end -->)",
+                  lambda m: m.group(1) + synopsis(m.group(2).split()) + "\n" + m.group(3),
+                  text, flags=re.DOTALL)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="caffelayers",
         description="Load, inspect, verify and convert Caffe models (SphereFace's included).")
+    parser.add_argument("--version", action="version", version=f"caffelayers {__version__}")
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE",
+                        help="import MODULE before the command (repeatable), so that the layer "
+                             "types, ONNX emitters and PyTorch source emitters it registers "
+                             "work here; it is found on PYTHONPATH")
     sub = parser.add_subparsers(dest="command", required=True)
 
     inspect = sub.add_parser("inspect", help="list a net's layers, blob shapes and parameters")
-    inspect.add_argument("net", help="net .prototxt")
-    inspect.add_argument("weights", nargs="?", help=".caffemodel to check against the net")
+    inspect.add_argument("net", metavar="NET.prototxt", help="net .prototxt")
+    inspect.add_argument("weights", nargs="?", metavar="WEIGHTS.caffemodel",
+                         help=".caffemodel to check against the net")
     inspect.add_argument("--phase", default="TEST", type=str.upper, choices=["TRAIN", "TEST"])
     add_net_state_options(inspect)
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
@@ -213,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=cmd_inspect)
 
     verify = sub.add_parser("verify", help="replay a Caffe reference case and compare")
-    verify.add_argument("case", help="case directory (net.prototxt, weights.caffemodel, "
-                                     "reference.npz)")
+    verify.add_argument("case", metavar="CASE_DIR",
+                        help="case directory (net.prototxt, weights.caffemodel, "
+                             "reference.npz)")
     verify.add_argument("--rtol", type=float, default=1e-4)
     verify.add_argument("--atol", type=float, default=1e-6)
     verify.add_argument("--margin-backward", choices=["caffe", "exact"], default="caffe")
@@ -228,11 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="convert a Caffe net to ONNX, PyTorch source or "
                                              "TorchScript")
-    convert.add_argument("net", help="net .prototxt")
-    convert.add_argument("weights", nargs="?", help=".caffemodel (without it: the fillers)")
-    convert.add_argument("--to", required=True, choices=["onnx", "pytorch", "torchscript"])
-    convert.add_argument("-o", "--output", required=True,
-                         help="output file (onnx, torchscript) or directory (pytorch)")
+    convert.add_argument("net", metavar="NET.prototxt", help="net .prototxt")
+    convert.add_argument("weights", nargs="?", metavar="WEIGHTS.caffemodel",
+                         help=".caffemodel (without it: the fillers)")
+    convert.add_argument("--to", required=True,
+                         choices=["onnx", "pytorch", "torchscript", "exported"])
+    convert.add_argument("-o", "--output", required=True, metavar="OUT",
+                         help="output file (onnx, torchscript, exported: a .pt2) or "
+                              "directory (pytorch)")
     convert.add_argument("--phase", default="TEST", type=str.upper, choices=["TRAIN", "TEST"])
     add_net_state_options(convert)
     convert.add_argument("--opset", type=int, default=17, help="ONNX opset (13 or newer)")
@@ -268,6 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def import_user_module(name: str) -> None:
+    """Import a module of the user's (``--import``), whose import registers their layer types.
+
+    Whatever its import raises (a missing module, a syntax error, a type registered twice) is
+    their input going wrong, so it becomes one error naming the module rather than a traceback.
+    """
+    try:
+        importlib.import_module(name)
+    except Exception as error:  # any failure of the user's code is reported
+        raise CaffeLayersError(f"--import {name}: {type(error).__name__}: {error}") from error
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
@@ -275,6 +370,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}",
                                                                   file=sys.stderr)
         try:
+            for name in args.imports:
+                import_user_module(name)
             return args.run(args)
         except CaffeLayersError as error:
             print(f"error: {error}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""``caffelayers convert``: one entry point over the ONNX, PyTorch-source and TorchScript back ends.
+"""``caffelayers convert``: one entry point over the ONNX, PyTorch-source, TorchScript and
+torch.export back ends.
 
 Every back end reads the same :class:`~caffelayers.graph.NetGraph`; this module only checks
 the whole net before anything is built (every layer a back end cannot convert is reported at
@@ -15,7 +16,7 @@ import torch
 
 from .errors import UnknownLayerError
 
-TARGETS = ("onnx", "pytorch", "torchscript")
+TARGETS = ("onnx", "pytorch", "torchscript", "exported")
 RUNTIMES = ("torch", "onnxruntime", "pytorch-source", "torchscript")
 
 
@@ -59,6 +60,11 @@ def write(net, target: str, output: str | Path, opset: int = 17,
 
         convert_to_pytorch(net, output)
         return [output / "model.py", output / "weights.pt"]
+    if target == "exported":
+        from .converters.pytorch.exported import convert_to_exported
+
+        convert_to_exported(net, output)
+        return [output]
     from .converters.pytorch import convert_to_torchscript
 
     convert_to_torchscript(net, output)
@@ -90,6 +96,10 @@ def runner(target: str, output: str | Path) -> Callable[[Mapping[str, np.ndarray
 
     if target == "pytorch":
         module, names = load_pytorch(output), ()
+    elif target == "exported":
+        from .converters.pytorch.exported import load_exported
+
+        module, *names = load_exported(output)
     else:
         module, *names = load_torchscript(output)
 
@@ -233,7 +243,8 @@ def preprocess_note(spec: dict, target: str) -> str:
         steps.append(f"times {spec['scale']:g}")
     where = {"onnx": f"the model's metadata {PREPROCESS_METADATA!r} records it",
              "pytorch": "model.py's preprocess() does it",
-             "torchscript": "TorchScript keeps no record of it"}[target]
+             "torchscript": "TorchScript keeps no record of it",
+             "exported": "the exported program keeps no record of it"}[target]
     return (f"feed {spec['input']!r} as Caffe's data layer {spec['layer']!r} made it: "
             f"{', '.join(steps)} ({where})")
 
@@ -292,7 +303,8 @@ def preprocess(image) -> torch.Tensor:
 def write_preprocess(spec: dict, target: str, written: Sequence[Path]) -> None:
     """Record the preprocessing with the converted model: the ONNX model's metadata
     (:data:`PREPROCESS_METADATA`, JSON), or a ``preprocess()`` function (and ``mean.npy``)
-    beside the generated ``model.py``. TorchScript gets nothing (the caller is told)."""
+    beside the generated ``model.py``. TorchScript and exported programs get nothing (the
+    caller is told)."""
     import json
 
     if target == "onnx":

@@ -87,6 +87,9 @@ class _Depthwise(Convolution):
     def _build(cls, param, bottom_shapes: Sequence[Shape], ctx: BuildContext):
         """Convolution's reading (and fillers) of ``param`` with ``num_output`` and ``group``
         set to the channels, as this class."""
+        if len(bottom_shapes[0]) < 3:
+            raise ShapeError(param.name, cls.caffe_type, bottom_shapes,
+                             "N x C and at least one spatial axis")
         channels = bottom_shapes[0][1]
         copy = type(param)()
         copy.CopyFrom(param)

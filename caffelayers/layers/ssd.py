@@ -199,8 +199,17 @@ class Permute(CaffeLayer):
     def __init__(self, order: Sequence[int] = ()):
         super().__init__()
         self.order = tuple(int(o) for o in order)
-        # Repeated axes are wrong at any rank; the range is checked against the bottom.
-        complete_order(self.order, max(self.order, default=-1) + 1, "Permute")
+        # Negative and repeated axes are wrong at any rank (checked without building the
+        # completion, which a huge axis would make huge); the range is checked against the
+        # bottom.
+        negative = [o for o in self.order if o < 0]
+        if negative:
+            raise UnsupportedParameterError(f"Permute: order {list(self.order)} names axis "
+                                            f"{negative[0]}; axes count from 0")
+        if len(set(self.order)) != len(self.order):
+            twice = sorted({o for o in self.order if self.order.count(o) > 1})
+            raise UnsupportedParameterError(f"Permute: order {list(self.order)} is not a "
+                                            f"permutation: axis {twice[0]} appears twice")
 
     @classmethod
     def from_caffe(cls, param, bottom_shapes: Sequence[Shape], ctx: BuildContext):

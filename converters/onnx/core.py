@@ -59,6 +59,11 @@ BATCH = "batch"
 #: Metadata key holding ``{onnx output name: caffe blob}`` for the graph's outputs.
 OUTPUTS_METADATA = "caffelayers.outputs"
 
+#: Metadata keys holding the file names (without their directories) of the prototxt and the
+#: caffemodel the model was converted from, where the net knows them.
+PROTOTXT_METADATA = "caffelayers.prototxt"
+CAFFEMODEL_METADATA = "caffelayers.caffemodel"
+
 #: Caffe types that have no ONNX emitter on purpose, with the reason given to the user.
 UNSUPPORTED: Dict[str, str] = {
     "MultiBoxLoss": "SSD's training loss, whose greedy matching and hard-negative mining are "
@@ -289,8 +294,11 @@ class EmitContext:
         name = _unique(prefix if prefix not in self._node_names else f"{prefix}/{op_type}",
                        self._node_names)
         attributes = {k: v for k, v in attributes.items() if v is not None}
+        # Every node says which Caffe layer it computes (a layer may take several nodes).
+        doc = None if self.node is None else \
+            f"Caffe layer {self.node.name!r} of type {self.node.type}"
         self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=name,
-                                           **attributes))
+                                           doc_string=doc, **attributes))
         self._produced.update(outputs)
         return outputs[0] if len(outputs) == 1 else outputs
 
@@ -539,7 +547,14 @@ def _convert(net, opset, static_batch, outputs, check, defer_values,
     from ... import __version__
     model.ir_version = helper.find_min_ir_version_for(opset_imports)
     model.producer_name, model.producer_version = "caffelayers", __version__
-    helper.set_model_props(model, {OUTPUTS_METADATA: json.dumps(mapping)})
+    props = {OUTPUTS_METADATA: json.dumps(mapping)}
+    sources = {key: Path(path).name for key, path in
+               ((PROTOTXT_METADATA, getattr(net, "source_file", None)),
+                (CAFFEMODEL_METADATA, getattr(net, "weights_path", None))) if path}
+    props.update(sources)
+    helper.set_model_props(model, props)
+    if sources:
+        model.doc_string = "Converted by caffelayers from " + " and ".join(sources.values())
     if check:
         _check(model, set(ctx.deferred))
     return ctx

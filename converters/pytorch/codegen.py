@@ -124,12 +124,30 @@ class _Writer:
         return any(self.variable[b] == variable for b in self.graph.outputs)
 
 
-def generate_pytorch(net, class_name: str = "CaffeNet") -> GeneratedModel:
-    """The source of ``model.py`` and the matching state_dict for a built ``Net``.
+def class_name_for(net_name: str) -> str:
+    """A CamelCase class name from a prototxt's ``name:``: the runs of ASCII letters and
+    digits, each with its first letter capitalised and the rest kept
+    (``"VGG_ILSVRC_16_layers"`` gives ``VGGILSVRC16Layers``, ``"ResNet-50"`` ``ResNet50``).
+    A name that starts with a digit gets ``Net`` in front, one that gives a keyword ``Net``
+    after it; no name at all gives ``CaffeNet``."""
+    words = re.findall(r"[A-Za-z0-9]+", net_name or "")
+    name = "".join(word[0].upper() + word[1:] for word in words)
+    if not name:
+        return "CaffeNet"
+    if name[0].isdigit():
+        name = "Net" + name
+    return name + "Net" if keyword.iskeyword(name) else name
+
+
+def generate_pytorch(net, class_name: Optional[str] = "CaffeNet") -> GeneratedModel:
+    """The source of ``model.py`` and the matching state_dict for a built ``Net``; its class
+    is ``class_name``, or named after the net (:func:`class_name_for`) when that is None.
 
     Raises:
         UnknownLayerError: listing every layer whose type has no source emitter.
     """
+    if class_name is None:
+        class_name = class_name_for(net.graph.name)
     if not class_name.isidentifier() or keyword.iskeyword(class_name):
         raise CaffeLayersError(f"class name {class_name!r} is not a Python identifier")
     graph = net.graph
@@ -265,7 +283,7 @@ def _assemble(writer: _Writer, net, class_name: str, inputs: List[str],
     return "\n".join(lines) + "\n"
 
 
-def convert_to_pytorch(net, out_dir, class_name: str = "CaffeNet") -> Path:
+def convert_to_pytorch(net, out_dir, class_name: Optional[str] = "CaffeNet") -> Path:
     """Write ``model.py`` and ``weights.pt`` for a built ``Net`` into ``out_dir``.
 
     The weights are checked against the generated module before returning: the file must
@@ -277,11 +295,11 @@ def convert_to_pytorch(net, out_dir, class_name: str = "CaffeNet") -> Path:
     """
     out = Path(out_dir)
     generated = _write_files(net, out, class_name)
-    check_state(out / MODEL_FILE, generated.state, class_name)
+    check_state(out / MODEL_FILE, generated.state, generated.class_name)
     return out
 
 
-def _write_files(net, out: Path, class_name: str) -> GeneratedModel:
+def _write_files(net, out: Path, class_name: Optional[str]) -> GeneratedModel:
     generated = generate_pytorch(net, class_name)
     out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_FILE).write_text(generated.source)
@@ -304,13 +322,13 @@ def check_state(model_file, state: Mapping[str, torch.Tensor],
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def write_pytorch(net, out_dir, class_name: str = "CaffeNet"
+def write_pytorch(net, out_dir, class_name: Optional[str] = "CaffeNet"
                   ) -> Tuple[GeneratedModel, nn.Module]:
     """:func:`convert_to_pytorch`, returning what was generated and the module it loaded
     from the files to check them (eval mode, weights loaded)."""
     out = Path(out_dir)
     generated = _write_files(net, out, class_name)
-    return generated, load_pytorch(out, class_name, state=generated.state)
+    return generated, load_pytorch(out, generated.class_name, state=generated.state)
 
 
 def import_model_class(model_file, class_name: Optional[str] = None):

@@ -36,8 +36,6 @@ TRAIN_ENTRIES = ("train", "Solver")
 TRAIN_NET_ENTRIES = ("inspect-train", "Net-train")
 #: entry points that read a reference.npz.
 REFERENCE_ENTRIES = (*VERIFY, *(f"{entry}+reference" for entry in CONVERT))
-ENTRIES = (*NET_ENTRIES, *TRAIN_ENTRIES, *TRAIN_NET_ENTRIES,
-           *(f"{entry}+reference" for entry in CONVERT))
 
 
 # --- the base nets --------------------------------------------------------------------------
@@ -180,8 +178,11 @@ class Case:
             ``{weights}``, ``{reference}``, ``{solver}``, ``{dir}``, and any key ``build``
             returns.
         options: how :func:`command` builds the jobs (``weights``: pass the weights file
-            even when it is not a regular file; ``case``: the path given to verify;
-            ``train_args``; ``compare``: the Net snippet compares with the reference).
+            even when it is not a regular file; ``case_file``: give verify the reference
+            file, not the folder; ``convert_reference``: convert with ``--reference``;
+            ``train_args``; ``resume``: the Solver snippet restores this state; ``compare``:
+            the Net snippet compares with the reference; ``cwd_up``: run from the folder
+            above the case).
         ci: run in ``make test`` (False: only under ``make fuzz``); ``options["ci_entries"]``
             narrows the entry points ``make test`` runs.
     """
@@ -231,7 +232,8 @@ def command(entry: str, d: Path, options: dict):
             entry.endswith("+reference") or options.get("convert_reference", True)) else []
         return "cli", ["convert", str(d / NET), *w, "--to", target, "-o", str(out), *reference]
     if entry.startswith("verify-"):
-        return "cli", ["verify", str(options.get("case", d)), "--runtime", entry.split("-", 1)[1]]
+        case = d / REFERENCE if options.get("case_file") else d
+        return "cli", ["verify", str(case), "--runtime", entry.split("-", 1)[1]]
     if entry == "train":
         return "cli", ["train", str(d / SOLVER), *(["--weights", *w] if w else []),
                        *options.get("train_args", []), "--workers", "0"]
@@ -1060,7 +1062,5 @@ _sidecar_case("not-utf8", b"{\"iter\": 2, \"nets\": {\xff}}")
 
 
 def build_case(case: Case, d: Path) -> dict:
-    info = case.build(d) or {}
-    if case.options.get("case_file"):
-        case.options["case"] = d / REFERENCE
-    return info
+    """Write ``case`` into the empty directory ``d``; the values its expectations name."""
+    return case.build(d) or {}

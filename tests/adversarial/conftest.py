@@ -66,12 +66,15 @@ def corpus(tmp_path_factory):
         if key not in built:
             pristine = root / "built" / key
             pristine.mkdir(parents=True)
-            built[key] = (pristine, build_case(case, pristine))
+            try:
+                built[key] = (pristine, build_case(case, pristine))
+            except Exception as error:  # every entry of the case reports the build's error
+                built[key] = error
+        if isinstance(built[key], Exception):
+            raise built[key]
         pristine, info = built[key]
         run_dir = root / "runs" / key / entry.replace("+", "_")
         _copy_case(pristine, run_dir)
-        if "case" in case.options:  # verify given a file: the copy's file
-            case.options["case"] = run_dir / Path(case.options["case"]).name
         return run_dir, info
 
     return get

@@ -20,6 +20,7 @@ Protocol: one JSON object per line on stdin, one JSON answer per line on stdout.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
@@ -40,6 +41,11 @@ def _preload() -> None:
     import caffelayers.verify
 
     caffelayers.cli.build_parser()  # imports what the parser needs (the tools' commands)
+    for extra in ("h5py", "cv2", "lmdb"):  # the data layers' readers, imported on first use
+        try:
+            importlib.import_module(extra)
+        except ImportError:
+            pass
     torch.set_num_threads(1)  # a forked child must not inherit a started thread pool
 
 
