@@ -152,7 +152,7 @@ def cmd_convert(args) -> int:
               level=args.level, stages=args.stage,
               allow_unknown_fields=args.allow_unknown_fields, source_file=Path(args.net))
     written = convert.write(net, args.to, args.output, args.opset, args.static_batch,
-                            args.static_shape, outputs)
+                            args.static_shape, outputs, args.class_name)
     if preprocess is not None:
         convert.write_preprocess(preprocess, args.to, written)
     for path in written:
@@ -338,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="cut the net at these blobs: only the layers computing them are "
                               "converted (the loss and accuracy layers of a training net "
                               "fall away); the ONNX model returns each of them")
+    convert.add_argument("--class-name", metavar="NAME",
+                         help="the generated PyTorch class (default: from the net's name:)")
     convert.set_defaults(run=cmd_convert)
 
     add_train_parser(sub)

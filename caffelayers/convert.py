@@ -38,7 +38,7 @@ def check_convertible(graph, target: str) -> None:
 
 def write(net, target: str, output: str | Path, opset: int = 17,
           static_batch: bool = False, static_shape: bool = False,
-          outputs: Sequence[str] = ()) -> List[Path]:
+          outputs: Sequence[str] = (), class_name: Optional[str] = None) -> List[Path]:
     """Convert a built ``Net`` and write it; returns the files written.
 
     ``static_batch`` and ``static_shape`` fix the ONNX model's batch and its inputs' height
@@ -46,7 +46,8 @@ def write(net, target: str, output: str | Path, opset: int = 17,
     height and width where the net is fully convolutional
     (:func:`caffelayers.converters.onnx.fixed_size_reason`). Neither option concerns the
     PyTorch targets. ``outputs`` names blobs the ONNX model also returns (besides the
-    net's outputs, the blobs no layer reads).
+    net's outputs, the blobs no layer reads). ``class_name`` names the generated PyTorch
+    class (default: from the net's ``name:``).
     """
     output = Path(output)
     (output if target == "pytorch" else output.parent).mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,7 @@ def write(net, target: str, output: str | Path, opset: int = 17,
     if target == "pytorch":
         from .converters.pytorch import convert_to_pytorch
 
-        convert_to_pytorch(net, output)
+        convert_to_pytorch(net, output, class_name=class_name)
         return [output / "model.py", output / "weights.pt"]
     if target == "exported":
         from .converters.pytorch.exported import convert_to_exported

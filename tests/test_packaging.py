@@ -192,3 +192,21 @@ def test_generated_class_is_named_after_the_net_when_asked(tmp_path):
     assert type(load_pytorch(out)).__name__ == "MyResNet"
     out = convert_to_pytorch(net, tmp_path / "given", class_name="Given")
     assert "class Given(nn.Module):" in (out / "model.py").read_text()
+
+
+def test_convert_names_the_class_after_the_net_or_as_told(tmp_path):
+    case = Path(__file__).resolve().parent.parent / "fixtures" / "caffe" / "sphereface4_deploy"
+    for extra, expected in (([], "class_name_for"), (["--class-name", "FaceNet4"], "FaceNet4")):
+        out = tmp_path / (extra[1] if extra else "default")
+        done = subprocess.run([sys.executable, "-m", "caffelayers", "convert",
+                               str(case / "net.prototxt"), str(case / "weights.caffemodel"),
+                               "--to", "pytorch", "-o", str(out), *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        source = (out / "model.py").read_text()
+        if expected == "class_name_for":
+            from caffelayers.converters.pytorch.codegen import class_name_for
+            from caffelayers.proto import io
+
+            expected = class_name_for(io.read_prototxt(case / "net.prototxt").name)
+        assert f"\nclass {expected}(" in source
