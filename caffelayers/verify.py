@@ -252,16 +252,23 @@ def _read_meta(value: np.ndarray, path: Path) -> Dict:
     return meta
 
 
-def open_case(case_dir: str | Path, phase: Optional[str] = None, **net_options):
-    """``(meta, arrays, net)`` of a reference case directory, every part checked: the case is
-    a directory, its reference reads, its net has weights for every parametrised layer
-    (verifying fillers would prove nothing) and accepts the recorded input shapes."""
+def _case_dir(case_dir: str | Path) -> Path:
     case_dir = Path(case_dir)
     if not case_dir.is_dir():
         what = "a file" if case_dir.exists() else "not found"
         raise CaffeLayersError(f"{case_dir}: {what}; verify takes a case directory holding "
                                "net.prototxt, weights.caffemodel and reference.npz")
-    meta, arrays = load_reference(case_dir)
+    return case_dir
+
+
+def open_case(case_dir: str | Path, phase: Optional[str] = None, reference=None,
+              **net_options):
+    """``(meta, arrays, net)`` of a reference case directory, every part checked: the case is
+    a directory, its reference reads, its net has weights for every parametrised layer
+    (verifying fillers would prove nothing) and accepts the recorded input shapes.
+    ``reference`` is the case's ``(meta, arrays)`` when the caller has read it already."""
+    case_dir = _case_dir(case_dir)
+    meta, arrays = reference or load_reference(case_dir)
     prototxt, weights = case_dir / "net.prototxt", case_dir / "weights.caffemodel"
     _check_regular(prototxt, "the case's net (net.prototxt)")
     net = Net(prototxt, weights if weights.exists() else None,
@@ -298,10 +305,10 @@ def verify_case(case_dir: str | Path, rtol: float = RTOL, atol: float = ATOL,
     clears the parameter gradients and runs backward from the loss layers and the recorded
     top diffs. ``net_options`` go to ``Net`` (``margin_backward``, ``loss_mode``, ...).
     """
-    meta, _ = load_reference(case_dir)
-    if meta.get("solver"):
-        return verify_solver_case(case_dir, rtol, atol, **net_options)
-    meta, arrays, net = open_case(case_dir, **net_options)
+    reference = load_reference(_case_dir(case_dir))
+    if reference[0].get("solver"):
+        return verify_solver_case(case_dir, rtol, atol, reference=reference, **net_options)
+    meta, arrays, net = open_case(case_dir, reference=reference, **net_options)
     case_dir = Path(case_dir)
     inputs = {name: arrays[f"input/{name}"] for name in meta["inputs"]}
     result = VerifyResult(meta.get("case", case_dir.name))
@@ -379,17 +386,18 @@ def _not_compared(key: str) -> Tuple[str, str]:
 
 
 def verify_solver_case(case_dir: str | Path, rtol: float = RTOL, atol: float = ATOL,
-                       **options) -> VerifyResult:
+                       reference=None, **options) -> VerifyResult:
     """Replay a solver case (``meta.solver``): one :meth:`Solver.step` per recorded iteration
     on the recorded inputs, comparing every recorded array of that iteration: ``data`` and
     ``diff`` (the step's forward and backward), ``param`` and ``param_diff`` (before the
     update), ``param_after`` and ``update`` (the value subtracted).
 
     ``options`` go to :class:`Solver` (``margin_backward``, ``loss_mode``, ...). The case's
-    snapshots are switched off so that nothing is written into it.
+    snapshots are switched off so that nothing is written into it. ``reference`` is the
+    case's ``(meta, arrays)`` when the caller has read it already.
     """
     case_dir = Path(case_dir)
-    meta, arrays = load_reference(case_dir)
+    meta, arrays = reference or load_reference(case_dir)
     inputs = {name: arrays[f"input/{name}"] for name in meta["inputs"]}
     weights = case_dir / "weights.caffemodel"
     solver = Solver(case_dir / "solver.prototxt", weights if weights.is_file() else None,

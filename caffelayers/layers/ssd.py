@@ -269,6 +269,25 @@ def prior_aspect_ratios(aspect_ratios: Sequence[float], flip: bool) -> List[floa
     return ratios
 
 
+def _height_width(p, single: str, height: str, width: str, where: str, unset):
+    """PriorBox's ``single`` field or its ``height``/``width`` pair (never both), as
+    ``(h, w)``, each positive; ``(unset, unset)`` when none is given."""
+    if p.HasField(height) or p.HasField(width):
+        if p.HasField(single):
+            raise UnsupportedParameterError(f"{where}: give {single} or {height}/{width}, "
+                                            "not both")
+        pair = (getattr(p, height), getattr(p, width))
+        if min(pair) <= 0:
+            raise UnsupportedParameterError(f"{where}: {height} and {width} must both be "
+                                            f"positive, got {pair}")
+        return pair
+    if p.HasField(single):
+        if getattr(p, single) <= 0:
+            raise UnsupportedParameterError(f"{where}: {single} must be positive")
+        return (getattr(p, single),) * 2
+    return (unset, unset)
+
+
 @register_layer("PriorBox")
 class PriorBox(CaffeLayer):
     r"""SSD's default boxes for one feature map, normalized to the image size.
@@ -349,34 +368,8 @@ class PriorBox(CaffeLayer):
     def from_caffe(cls, param, bottom_shapes: Sequence[Shape], ctx: BuildContext):
         p = param.prior_box_param
         where = f"layer {param.name!r} (PriorBox)"
-        if p.HasField("img_h") or p.HasField("img_w"):
-            if p.HasField("img_size"):
-                raise UnsupportedParameterError(f"{where}: give img_size or img_h/img_w, "
-                                                "not both")
-            img_size = (p.img_h, p.img_w)
-            if min(img_size) <= 0:
-                raise UnsupportedParameterError(f"{where}: img_h and img_w must both be "
-                                                f"positive, got {img_size}")
-        elif p.HasField("img_size"):
-            img_size = (p.img_size, p.img_size)
-            if p.img_size <= 0:
-                raise UnsupportedParameterError(f"{where}: img_size must be positive")
-        else:
-            img_size = (0, 0)
-        if p.HasField("step_h") or p.HasField("step_w"):
-            if p.HasField("step"):
-                raise UnsupportedParameterError(f"{where}: give step or step_h/step_w, "
-                                                "not both")
-            step = (p.step_h, p.step_w)
-            if min(step) <= 0:
-                raise UnsupportedParameterError(f"{where}: step_h and step_w must both be "
-                                                f"positive, got {step}")
-        elif p.HasField("step"):
-            step = (p.step, p.step)
-            if p.step <= 0:
-                raise UnsupportedParameterError(f"{where}: step must be positive")
-        else:
-            step = (0.0, 0.0)
+        img_size = _height_width(p, "img_size", "img_h", "img_w", where, 0)
+        step = _height_width(p, "step", "step_h", "step_w", where, 0.0)
         try:
             return cls(list(p.min_size), list(p.max_size), list(p.aspect_ratio), p.flip,
                        p.clip, list(p.variance), img_size, step, p.offset)

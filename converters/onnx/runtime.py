@@ -107,11 +107,12 @@ def verify_case_onnx(case_dir: Union[str, Path], rtol: float = RTOL, atol: float
             docstring); the message says why.
     """
     case_dir = Path(case_dir)
-    meta, _ = load_reference(case_dir)
+    reference = load_reference(case_dir)
+    meta = reference[0]
     problem = inference_problem(case_dir, meta)
     if problem:
         raise UnsupportedParameterError(f"{case_dir}: not an inference case for ONNX: {problem}")
-    meta, arrays, net = open_case(case_dir, phase="TEST")
+    meta, arrays, net = open_case(case_dir, phase="TEST", reference=reference)
     recorded = {parts[2] for parts in (key.split("/", 2) for key in arrays)
                 if len(parts) == 3 and parts[0].startswith("iter") and parts[1] == "data"}
     model = convert_to_onnx(net, opset=opset, static_batch=static_batch,
