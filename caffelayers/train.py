@@ -18,34 +18,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import logging
 import math
-import multiprocessing
-import multiprocessing.connection
 import os
-import shutil
 import signal
-import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .errors import CaffeLayersError
+from .launch import INTERRUPTED, check_device, launch
 from .solver import Solver
+from .train_log import ProgressBar, caffe_log
 
-__all__ = ["NonFiniteLossError", "ProgressBar", "TrainResult", "add_train_parser",
-           "cmd_train", "describe_divergence", "train"]
+__all__ = ["INTERRUPTED", "NonFiniteLossError", "TrainResult", "add_train_parser", "cmd_train",
+           "describe_divergence", "run_process", "train"]
 
 logger = logging.getLogger(__name__)
 
-#: exit status of a run stopped by Ctrl-C (after its snapshot), as a shell reports SIGINT.
-INTERRUPTED = 130
 
 
 class NonFiniteLossError(CaffeLayersError):
@@ -134,83 +129,6 @@ def describe_divergence(net, batch: Mapping) -> Tuple[str, Optional[str]]:
 
 
 # --- progress -------------------------------------------------------------------------------
-
-class ProgressBar:
-    """One status line redrawn in place on a terminal: iteration, smoothed loss, learning
-    rate, lambda (of a MarginInnerProduct layer) and images per second.
-
-    Args:
-        total: the last iteration (``max_iter``).
-        stream: the terminal (``sys.stderr``).
-    """
-
-    def __init__(self, total: int, stream=None):
-        self.total = max(int(total), 1)
-        self.stream = stream if stream is not None else sys.stderr
-        self.text = ""
-        self._lock = threading.Lock()
-
-    def update(self, iteration: int, loss: float, rate: float,
-               lambda_: Optional[float] = None, images_per_second: Optional[float] = None
-               ) -> None:
-        done = min(iteration / self.total, 1.0)
-        width = 20
-        filled = int(round(done * width))
-        parts = [f"[{'#' * filled}{'.' * (width - filled)}] {iteration}/{self.total}",
-                 f"loss {loss:.4g}", f"lr {rate:.3g}"]
-        if lambda_ is not None:
-            parts.append(f"lambda {lambda_:.4g}")
-        if images_per_second is not None:
-            parts.append(f"{images_per_second:.1f} img/s")
-        self.text = " | ".join(parts)
-        self.redraw()
-
-    def clear(self) -> None:
-        with self._lock:
-            if self.text:
-                self.stream.write("\r\x1b[K")
-                self.stream.flush()
-
-    def redraw(self) -> None:
-        with self._lock:
-            if self.text:
-                columns = shutil.get_terminal_size((100, 20)).columns
-                self.stream.write("\r\x1b[K" + self.text[:columns - 1])
-                self.stream.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            if self.text:
-                self.stream.write("\n")
-                self.stream.flush()
-                self.text = ""
-
-
-class GlogFormatter(logging.Formatter):
-    """Caffe's (glog's) line prefix: ``I0703 10:20:30.123456  1234 solver.py:228] ...``,
-    which Caffe's log parsers read the time from."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        when = datetime.datetime.fromtimestamp(record.created)
-        prefix = (f"{record.levelname[:1]}{when:%m%d %H:%M:%S}.{when.microsecond:06d} "
-                  f"{record.process:5d} {record.filename}:{record.lineno}]")
-        return f"{prefix} {record.getMessage()}"
-
-
-class _BarHandler(logging.StreamHandler):
-    """A log handler that lifts the progress bar out of the way of each line."""
-
-    def __init__(self, stream, bar: Optional[ProgressBar]):
-        super().__init__(stream)
-        self.bar = bar
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.bar is not None:
-            self.bar.clear()
-        super().emit(record)
-        if self.bar is not None:
-            self.bar.redraw()
-
 
 class _Monitor:
     """The trainer's solver callbacks: progress, Ctrl-C and the non-finite loss check
@@ -428,40 +346,13 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def _caffe_log(stream, bar: Optional[ProgressBar]):
-    """Caffe's log lines on ``stream`` while the block runs."""
-    handler = _BarHandler(stream, bar)
-    handler.setFormatter(GlogFormatter())
-    package = logging.getLogger("caffelayers")
-    level = package.level
-    package.addHandler(handler)
-    package.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        package.removeHandler(handler)
-        package.setLevel(level)
-
-
-def _check_device(device: str, nproc: int) -> None:
-    if nproc < 1:
-        raise CaffeLayersError(f"--nproc must be at least 1, got {nproc}")
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise CaffeLayersError("--device cuda: CUDA is not available here")
-        if nproc > torch.cuda.device_count():
-            raise CaffeLayersError(f"--nproc {nproc} needs {nproc} GPUs, "
-                                   f"{torch.cuda.device_count()} are visible")
-
-
-def _run(args, rank: int = 0, world: int = 1, seed: Optional[int] = None) -> int:
+def run_process(args, rank: int = 0, world: int = 1, seed: Optional[int] = None) -> int:
     stream = sys.stderr
     bar = None
     if rank == 0 and stream.isatty():
         bar = ProgressBar(1, stream)
     device = f"cuda:{rank}" if args.device == "cuda" else "cpu"
-    with (_caffe_log(stream, bar) if rank == 0 else contextlib.nullcontext()):
+    with (caffe_log(stream, bar) if rank == 0 else contextlib.nullcontext()):
         if bar is not None:
             from .proto import io
 
@@ -480,78 +371,7 @@ def _run(args, rank: int = 0, world: int = 1, seed: Optional[int] = None) -> int
 
 def cmd_train(args) -> int:
     """The ``train`` command: one process, or ``--nproc`` through ``torch.distributed``."""
-    _check_device(args.device, args.nproc)
+    check_device(args.device, args.nproc)
     if args.nproc == 1:
-        return _run(args)
-    return _launch(args)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _launch(args) -> int:
-    """Start ``--nproc`` processes and wait; the first to fail stops the others."""
-    world = args.nproc
-    context = multiprocessing.get_context("spawn")
-    port = _free_port()
-    seed = int.from_bytes(os.urandom(4), "little")
-    options = dict(vars(args))
-    options.pop("run", None)
-    processes = [context.Process(target=_process_main, args=(rank, world, port, seed, options),
-                                 name=f"caffelayers-train-{rank}") for rank in range(world)]
-    for process in processes:
-        process.start()
-    # The processes handle Ctrl-C themselves (they agree on an iteration and snapshot).
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        status = 0
-        running = list(processes)
-        while running:
-            multiprocessing.connection.wait([p.sentinel for p in running])
-            for process in [p for p in running if p.exitcode is not None]:
-                running.remove(process)
-                code = process.exitcode
-                if code != 0 and status in (0, INTERRUPTED):
-                    status = code if code > 0 else 1
-                    if code != INTERRUPTED:
-                        for other in running:
-                            other.terminate()
-        return status
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        for process in processes:
-            process.join()
-
-
-def _process_main(rank: int, world: int, port: int, seed: int, options: Dict) -> None:
-    """One process of ``--nproc``: join the group, train, exit with the command's status."""
-    import torch.distributed as dist
-
-    args = argparse.Namespace(**options)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    backend = "nccl" if args.device == "cuda" else "gloo"
-    if args.device == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    code = 1
-    try:
-        code = _run(args, rank, world, seed)
-    except CaffeLayersError as error:
-        print(f"error: [process {rank}] {error}", file=sys.stderr)
-        code = 2
-    except OSError as error:
-        print(f"error: [process {rank}] {error.filename or ''}: {error.strerror or error}",
-              file=sys.stderr)
-        code = 2
-    finally:
-        if code in (0, INTERRUPTED):
-            dist.destroy_process_group()
-    # Skip the interpreter's teardown (seconds of torch and gloo clean-up): the parent only
-    # waits for the exit status.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        return run_process(args)
+    return launch(args)

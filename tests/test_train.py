@@ -14,8 +14,9 @@ import torch
 
 from caffelayers import CaffeLayersError
 from caffelayers.net import read_weights
-from caffelayers.train import (INTERRUPTED, GlogFormatter, NonFiniteLossError, ProgressBar,
-                               _layers_off_the_loss, add_train_parser, train)
+from caffelayers.train import (INTERRUPTED, NonFiniteLossError, _layers_off_the_loss,
+                               add_train_parser, train)
+from caffelayers.train_log import GlogFormatter, ProgressBar
 
 cv2 = pytest.importorskip("cv2", reason="the data extra (opencv-python-headless) is missing")
 

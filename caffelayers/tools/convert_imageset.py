@@ -231,9 +231,9 @@ def _hwc_text(shape) -> str:
 
 
 def cmd_convert_imageset(args) -> int:
-    from ..train import _caffe_log
+    from ..train_log import caffe_log
 
-    with _caffe_log(sys.stderr, None):
+    with caffe_log(sys.stderr, None):
         convert_imageset(args.root, args.list, args.db, args.resize_height, args.resize_width,
                          args.gray, args.shuffle, args.seed, args.encoded, args.encode_type,
                          args.check_size, args.backend)

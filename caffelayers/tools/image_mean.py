@@ -104,9 +104,9 @@ def compute_image_mean(db, output=None, backend: str = "lmdb") -> np.ndarray:
 
 
 def cmd_compute_image_mean(args) -> int:
-    from ..train import _caffe_log
+    from ..train_log import caffe_log
 
-    with _caffe_log(sys.stderr, None):
+    with caffe_log(sys.stderr, None):
         compute_image_mean(args.db, args.output, args.backend)
     return 0
 
