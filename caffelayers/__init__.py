@@ -13,7 +13,26 @@ from . import losses  # noqa: F401  registers the built-in loss types
 from .net import Net
 from .solver import Solver
 
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    """The installed distribution's version; in a checkout that is not installed, the one
+    ``pyproject.toml`` declares (the single place it is written)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("caffelayers")
+    except metadata.PackageNotFoundError:
+        import re
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        found = re.search(r'^version = "([^"]+)"', pyproject.read_text(), re.M) \
+            if pyproject.is_file() else None
+        return found.group(1) if found else "unknown"
+
+
+__version__ = _version()
 
 __all__ = [
     "Net", "Solver", "CaffeFormatError", "CaffeLayersError", "LabelError", "ShapeError", "UnknownLayerError",

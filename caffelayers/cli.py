@@ -246,15 +246,18 @@ def _wrap(words: List[str], width: int) -> List[str]:
 
 def synopsis(commands: List[str], width: int = 95) -> str:
     """The README's fenced ``sh`` block of usage lines for these subcommands, rendered from
-    :func:`build_parser` (``make readme`` writes it; a test fails when it is stale). The
-    first line is the command's own options; a subcommand without arguments gets its help as
-    a comment."""
+    :func:`build_parser` (``make readme`` writes it; a test fails when it is stale). The name
+    ``caffelayers`` among them stands for the line of the command's own options; a
+    subcommand without arguments gets its help as a comment."""
     parser = build_parser()
     subparsers = next(action for action in parser._actions
                       if isinstance(action, argparse._SubParsersAction))
     helps = {choice.dest: choice.help for choice in subparsers._choices_actions}
-    lines = _wrap(["caffelayers"] + _usage_words(parser) + ["COMMAND", "..."], width)
+    lines = []
     for name in commands:
+        if name == "caffelayers":
+            lines += _wrap(["caffelayers"] + _usage_words(parser) + ["COMMAND", "..."], width)
+            continue
         words = _usage_words(subparsers.choices[name])
         lines += _wrap(["caffelayers", name] + words, width) if words else \
             [f"caffelayers {name}  # {helps[name]}"]

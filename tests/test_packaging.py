@@ -1,6 +1,7 @@
 """The command as installed: its version, ``python -m caffelayers``, and ``--import`` of a
 user's module whose layer types then convert. Every test runs a real process."""
 
+import argparse
 import os
 import re
 import subprocess
@@ -125,14 +126,22 @@ def test_readme_synopses_are_the_parsers():
     from caffelayers.cli import rewrite_readme_synopses
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert "<!-- synopsis: inspect convert verify train layers -->" in readme
+    from caffelayers.cli import build_parser
+
+    assert "<!-- synopsis: caffelayers inspect convert verify train layers -->" in readme
+    # every command is in exactly one block
+    blocks = re.findall(r"<!-- synopsis: ([^>]*?) -->", readme)
+    listed = sorted(name for block in blocks for name in block.split())
+    commands = next(action for action in build_parser()._actions
+                    if isinstance(action, argparse._SubParsersAction)).choices
+    assert listed == sorted(["caffelayers", *commands])
     assert readme == rewrite_readme_synopses(readme), "stale: run `make readme`"
 
 
 def test_synopsis_follows_the_parser():
     from caffelayers.cli import synopsis
 
-    lines = synopsis(["convert", "layers"]).splitlines()
+    lines = synopsis(["caffelayers", "convert", "layers"]).splitlines()
     assert lines[0] == "```sh" and lines[-1] == "```"
     assert lines[1] == "caffelayers [--version] [--import MODULE]... COMMAND ..."
     convert = " ".join(line.strip() for line in lines[2:-2])
@@ -142,6 +151,7 @@ def test_synopsis_follows_the_parser():
     assert "[--input NAME=N,C,H,W]..." in convert and "[--static-batch]" in convert
     assert lines[-2].startswith("caffelayers layers  # ")
     assert max(map(len, lines)) <= 95
+    assert synopsis(["layers"]).splitlines()[1].startswith("caffelayers layers  # ")
 
 
 def test_onnx_model_names_its_sources_and_each_nodes_layer(tmp_path, cases_dir):

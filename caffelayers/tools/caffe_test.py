@@ -123,8 +123,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Run the TEST phase net on its data layers for --iterations batches and "
                     "print each output per batch and its mean, as Caffe's `caffe test`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="net .prototxt with data layers")
-    parser.add_argument("--weights", required=True,
+    parser.add_argument("--model", required=True, metavar="NET.prototxt", help="net .prototxt with data layers")
+    parser.add_argument("--weights", required=True, metavar="W.caffemodel",
                         help="trained .caffemodel(s), comma-separated")
     parser.add_argument("--iterations", type=int, default=50, help="batches to score")
     add_net_state_options(parser, inputs=False)

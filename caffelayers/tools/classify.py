@@ -284,22 +284,22 @@ def add_parser(subparsers: Callable) -> None:
     """Register ``classify`` on the ``caffelayers`` sub-command parsers."""
     p = subparsers.add_parser("classify", help="the five best classes of images "
                                                "(Caffe's python/classify.py)")
-    p.add_argument("net", help="deploy .prototxt")
-    p.add_argument("weights", help=".caffemodel")
+    p.add_argument("net", metavar="NET.prototxt", help="deploy .prototxt")
+    p.add_argument("weights", metavar="WEIGHTS.caffemodel", help=".caffemodel")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--mean_file", help="mean image: .binaryproto (1 x C x H x W) or .npy "
+    p.add_argument("--mean_file", metavar="MEAN", help="mean image: .binaryproto (1 x C x H x W) or .npy "
                                        "(C x H x W), resized to the input size if needed")
-    p.add_argument("--mean_value", help="one mean per channel, comma-separated (net order)")
+    p.add_argument("--mean_value", metavar="B,G,R", help="one mean per channel, comma-separated (net order)")
     p.add_argument("--raw_scale", type=float, default=255.0,
                    help="multiply the [0, 1] images by this (255)")
-    p.add_argument("--input_scale", type=float,
+    p.add_argument("--input_scale", type=float, metavar="S",
                    help="multiply after the mean subtraction")
-    p.add_argument("--channel_swap", help="channel order from RGB (2,1,0 for 3-channel nets)")
+    p.add_argument("--channel_swap", metavar="2,1,0", help="channel order from RGB (2,1,0 for 3-channel nets)")
     p.add_argument("--images_dim", default="256,256",
                    help="resize images to HEIGHT,WIDTH before cropping (256,256)")
     p.add_argument("--center_only", action="store_true",
                    help="the centre crop only, instead of 10 crops averaged")
-    p.add_argument("--labels", help="class names, one per line (synset_words.txt)")
+    p.add_argument("--labels", metavar="synset_words.txt", help="class names, one per line (synset_words.txt)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=cmd_classify)
 

@@ -316,8 +316,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Draw a net: layers and blobs as nodes, with output shapes and "
                     "parameter counts, to SVG, PNG or Graphviz DOT.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("net", help="net .prototxt")
-    parser.add_argument("-o", "--output", required=True, help="net.svg, net.png or net.dot")
+    parser.add_argument("net", metavar="NET.prototxt", help="net .prototxt")
+    parser.add_argument("-o", "--output", required=True, metavar="net.svg|net.png|net.dot", help="net.svg, net.png or net.dot")
     parser.add_argument("--rankdir", default="LR", type=str.upper, choices=["LR", "TB"],
                         help="left to right or top to bottom (Caffe's default is LR)")
     parser.add_argument("--phase", default="TEST", type=str.upper, choices=["TRAIN", "TEST"],

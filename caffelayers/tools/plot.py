@@ -216,7 +216,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "learning rate, drawn against iterations or seconds.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("logs", nargs="+", metavar="LOG", help="Caffe log file(s)")
-    parser.add_argument("-o", "--output", help="figure file (.png, .svg, .pdf)")
+    parser.add_argument("-o", "--output", metavar="curves.png", help="figure file (.png, .svg, .pdf)")
     parser.add_argument("--x", default="iters", choices=["iters", "seconds"],
                         help="the horizontal axis")
     parser.add_argument("--json", action="store_true", help="print the parsed series")

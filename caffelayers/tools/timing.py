@@ -334,7 +334,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "time", help="per-layer forward and backward times (Caffe's caffe time)",
         description="Time a net layer by layer, forward and backward, as Caffe's `caffe time`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="net .prototxt")
+    parser.add_argument("--model", required=True, metavar="NET.prototxt", help="net .prototxt")
     parser.add_argument("--iterations", type=int, default=50, help="timed passes")
     parser.add_argument("--phase", type=str.upper, choices=["TRAIN", "TEST"],
                         help="net phase; TRAIN as Caffe's time for the torch runtime, TEST "
