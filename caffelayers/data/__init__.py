@@ -1,5 +1,6 @@
 """Reading the data of Caffe's data layers: ``ImageData`` (image lists), ``Data`` (LMDB),
-``HDF5Data``, and ``MemoryData``/``Input`` fed from arrays.
+``HDF5Data``, ``WindowData`` (R-CNN's window files), and ``MemoryData``/``Input`` fed from
+arrays.
 
 A net built by :class:`~caffelayers.Net` takes its data layers' tops as inputs; this package
 produces those inputs from the layers' sources, as Caffe's layers would, in worker
@@ -17,9 +18,11 @@ from .loader import BatchLoader, NetInputs, data_sources, label_rules, net_input
 from .sources import (SOURCE_TYPES, ArraySource, HDF5Source, ImageDataSource, LabelRule,
                       LMDBSource, Source, open_source, probe_top_shapes)
 from .transform import DataTransformer
+from .window import WindowDataSource
 
 __all__ = [
     "SOURCE_TYPES", "ArraySource", "BatchLoader", "DataTransformer", "HDF5Source",
     "ImageDataSource", "LabelRule", "LMDBSource", "MissingExtraError", "NetInputs", "Source",
-    "data_sources", "label_rules", "net_inputs", "open_source", "probe_top_shapes",
+    "WindowDataSource", "data_sources", "label_rules", "net_inputs", "open_source",
+    "probe_top_shapes",
 ]

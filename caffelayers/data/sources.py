@@ -34,7 +34,7 @@ from .transform import DataTransformer
 Shape = Tuple[int, ...]
 
 #: Caffe layer types with a reader here.
-SOURCE_TYPES = ("ImageData", "Data", "HDF5Data", "MemoryData", "Input")
+SOURCE_TYPES = ("ImageData", "Data", "HDF5Data", "WindowData", "MemoryData", "Input")
 
 
 class LabelRule:
@@ -736,7 +736,7 @@ def open_source(param, phase: str = "TRAIN", source_dir: Optional[Path] = None,
         arrays: ``{top: array}`` for ``MemoryData`` and ``Input`` layers.
 
     Raises:
-        UnsupportedParameterError: a layer type without a reader (``WindowData``...).
+        UnsupportedParameterError: a layer type without a reader (``DummyData``...).
     """
     kind = param.type
     layer = _layer_text(param)
@@ -746,6 +746,10 @@ def open_source(param, phase: str = "TRAIN", source_dir: Optional[Path] = None,
         return LMDBSource(param, phase, source_dir, seed)
     if kind == "HDF5Data":
         return HDF5Source(param, phase, source_dir, seed)
+    if kind == "WindowData":
+        from .window import WindowDataSource  # it builds on this module
+
+        return WindowDataSource(param, phase, source_dir, seed)
     if kind in ("MemoryData", "Input"):
         missing = [top for top in param.top if arrays is None or top not in arrays]
         if missing:
@@ -782,7 +786,7 @@ def probe_source(param, source_dir: Optional[Path] = None
     """``(top shapes, None)`` as :func:`probe_top_shapes`, or ``(None, the error)`` when the
     layer's source cannot be read, so that whoever needs the shapes can say why they are
     unknown; ``(None, None)`` for a type without a reader."""
-    if param.type not in ("ImageData", "Data", "HDF5Data"):
+    if param.type not in ("ImageData", "Data", "HDF5Data", "WindowData"):
         return None, None
     try:
         return open_source(param, "TEST", source_dir).top_shapes(), None

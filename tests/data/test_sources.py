@@ -349,8 +349,8 @@ def test_array_labels_are_checked_at_once():
 
 
 def test_unsupported_type_says_so():
-    with pytest.raises(UnsupportedParameterError, match="WindowData"):
-        open_source(layer('name: "w" type: "WindowData" top: "data"'))
+    with pytest.raises(UnsupportedParameterError, match="'w' \\(DummyData\\).*reads ImageData"):
+        open_source(layer('name: "w" type: "DummyData" top: "data"'))
 
 
 def test_sources_pickle_for_the_workers(tmp_path):
