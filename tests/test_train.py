@@ -3,7 +3,6 @@ the end, resuming, the non-finite loss check and two gloo processes against one.
 
 import argparse
 import datetime
-import io as text_io
 import os
 import re
 import signal
@@ -16,7 +15,7 @@ from caffelayers import CaffeLayersError
 from caffelayers.net import read_weights
 from caffelayers.train import (INTERRUPTED, NonFiniteLossError, _layers_off_the_loss,
                                add_train_parser, train)
-from caffelayers.train_log import GlogFormatter, ProgressBar
+from caffelayers.train_log import GlogFormatter
 
 cv2 = pytest.importorskip("cv2", reason="the data extra (opencv-python-headless) is missing")
 
@@ -201,15 +200,8 @@ def test_only_layers_cut_off_from_the_loss_are_reported(toy):
     assert _layers_off_the_loss(net.graph) == ["blocked", "side"]
 
 
-def test_progress_bar_and_log_format():
-    stream = text_io.StringIO()
-    bar = ProgressBar(200, stream)
-    bar.update(50, 7.25, 0.1, 61.5, 812.0)
-    assert bar.text == ("[#####...............] 50/200 | loss 7.25 | lr 0.1 | lambda 61.5 | "
-                        "812.0 img/s")
-    bar.clear()
-    bar.close()
-    assert stream.getvalue().endswith("\r\x1b[K\n")
+def test_log_format():
+    # The progress bar's tests are in tests/test_train_output.py.
     import logging
 
     record = logging.LogRecord("caffelayers.solver", logging.INFO, "/x/solver.py", 228,

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
+import select
 import signal
+import threading
+import time
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -50,6 +54,7 @@ class _Batches(Dataset):
 
     def __init__(self, source: Source, rank: int, world: int):
         self.source, self.rank, self.world = source, rank, world
+        self.owner = os.getpid()
 
     def __getitem__(self, index: int):
         try:
@@ -70,14 +75,59 @@ class _From(Sampler):
 
 
 def _quiet_worker(worker_id: int) -> None:
-    # Ctrl-C is the trainer's to handle (a snapshot first); a worker keeps reading meanwhile.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The trainer handles these signals (a snapshot first): a worker keeps reading, and the
+    # trainer stops it. They reach a worker when a terminal or a scheduler signals the
+    # whole process group or job.
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        _exit_with(info.dataset.owner)
     torch.set_num_threads(1)
     try:
         import cv2
         cv2.setNumThreads(1)
     except ImportError:
         pass
+
+
+def _exit_with(owner: int) -> None:
+    """End this worker as soon as process ``owner`` is gone (a pidfd becomes readable when
+    its process exits; without pidfds, poll once a second)."""
+    try:
+        handle = os.pidfd_open(owner)
+    except ProcessLookupError:
+        os._exit(0)
+    except (AttributeError, OSError):
+        handle = None
+
+    def wait() -> None:
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while _alive(owner):
+                time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=wait, name="caffelayers-owner-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def default_workers(processes: int = 1) -> int:
+    """Worker processes per data layer when none are asked for: half the CPUs this process
+    may use, shared among the ``processes`` trainers of the machine, from 1 to 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus // (2 * max(1, processes))))
 
 
 def _worker_context():
@@ -101,8 +151,10 @@ class BatchLoader:
         pin_memory: page-locked batches, for fast copies to a GPU.
 
     Calling the loader returns the next batch as ``{top: tensor}``; :meth:`close` stops the
-    workers. Workers start from a fork server (not a plain fork), so a script that uses them
-    needs the ``if __name__ == "__main__":`` guard, as with Python's spawn start method.
+    workers, and the next call starts them again at the next batch (a test net's loader is
+    closed after each test, so that it holds no workers between tests). Workers start from a
+    fork server (not a plain fork), so a script that uses them needs the
+    ``if __name__ == "__main__":`` guard, as with Python's spawn start method.
     """
 
     def __init__(self, source: Source, rank: int = 0, world: int = 1, workers: int = 2,
@@ -110,19 +162,18 @@ class BatchLoader:
         self.source = source
         self.workers = int(workers)
         self.next_index = int(start)
+        self.prefetch, self.pin_memory = prefetch, pin_memory
         self._dataset = _Batches(source, rank, world)
         self._iterator = None
-        if self.workers > 0:
-            self._loader = DataLoader(self._dataset, batch_size=None, sampler=_From(start),
-                                      num_workers=self.workers, prefetch_factor=prefetch,
-                                      persistent_workers=True, pin_memory=pin_memory,
-                                      worker_init_fn=_quiet_worker,
-                                      multiprocessing_context=_worker_context())
 
     def __call__(self) -> Dict[str, torch.Tensor]:
         if self.workers > 0:
             if self._iterator is None:
-                self._iterator = iter(self._loader)
+                self._iterator = iter(DataLoader(
+                    self._dataset, batch_size=None, sampler=_From(self.next_index),
+                    num_workers=self.workers, prefetch_factor=self.prefetch,
+                    pin_memory=self.pin_memory, worker_init_fn=_quiet_worker,
+                    multiprocessing_context=_worker_context()))
             batch = next(self._iterator)
         else:
             batch = self._dataset[self.next_index]
@@ -132,12 +183,18 @@ class BatchLoader:
         return batch
 
     def close(self) -> None:
-        """Stop the workers (they also stop with the process)."""
-        if self._iterator is not None:
-            shutdown = getattr(self._iterator, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
-            self._iterator = None
+        """Stop the workers (the batches they read ahead are read again when needed)."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is None:
+            return
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        # A worker that did not take its stop in time was sent SIGTERM, which workers ignore.
+        for worker in getattr(iterator, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+            worker.join()
 
     def __repr__(self) -> str:
         return f"BatchLoader({self.source!r}, workers={self.workers})"
@@ -190,6 +247,7 @@ class NetInputs:
         return batch
 
     def close(self) -> None:
+        """Stop the loaders' workers (a later call starts them again where they were)."""
         for loader in self.loaders.values():
             loader.close()
 

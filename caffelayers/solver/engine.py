@@ -121,6 +121,9 @@ class Solver:
             there is also looked for next to the solver file.
         margin_backward, loss_mode, dtype, device, allow_unknown_fields: passed to every
             :class:`~caffelayers.Net`.
+        train_state: ``(level, stages)`` written into the solver's ``train_state`` before
+            the nets are built, as ``caffe train -level -stage`` do (the level replaces the
+            solver's, the stages add to its own).
 
     Attributes:
         param: the ``SolverParameter`` (read at every iteration, like Caffe's ``param_``).
@@ -137,6 +140,10 @@ class Solver:
         mean_scores: per test net, the last test's mean of each output blob.
         on_start, on_gradients_ready: lists of callables ``f(solver)``, called before the
             forward passes and before the update of every iteration (Caffe's callbacks).
+        on_test_iteration: callables ``f(solver, test_net_id, done)``, called as a test
+            starts (``done`` 0) and after each of its ``test_iter`` passes (progress).
+        on_iteration_end: callables ``f(solver)``, called after the update, ``iter += 1``
+            and the scheduled snapshot: where Caffe acts on a signal's request.
 
     Example::
 
@@ -176,7 +183,8 @@ class Solver:
     def __init__(self, solver, weights=None, inputs=None, test_inputs=None, *,
                  root: Optional[str | Path] = None, margin_backward: str = "caffe",
                  loss_mode: str = "caffe", dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", allow_unknown_fields: bool = False):
+                 device: str | torch.device = "cpu", allow_unknown_fields: bool = False,
+                 train_state: Optional[Tuple[int, Sequence[str]]] = None):
         from ..proto import caffe_pb2, io
         from ..proto.upgrade import upgrade_solver
 
@@ -186,6 +194,9 @@ class Solver:
         else:
             self.path = str(solver)
             self.param = io.read_solver(solver, allow_unknown_fields=allow_unknown_fields)
+        if train_state is not None:
+            self.param.train_state.level = int(train_state[0])
+            self.param.train_state.stage.extend(train_state[1])
         self.root = None if root is None else Path(root)
         self._net_options = {"margin_backward": margin_backward, "loss_mode": loss_mode,
                              "dtype": dtype, "device": device,
@@ -226,6 +237,8 @@ class Solver:
         self.mean_scores: List[Dict[str, np.ndarray]] = [{} for _ in self.test_nets]
         self.on_start: List[Callable[[Solver], None]] = []
         self.on_gradients_ready: List[Callable[[Solver], None]] = []
+        self.on_test_iteration: List[Callable[[Solver, int, int], None]] = []
+        self.on_iteration_end: List[Callable[[Solver], None]] = []
         self.inputs = inputs
         self.test_inputs = test_inputs
 
@@ -305,6 +318,8 @@ class Solver:
             self.iter += 1
             if self.param.snapshot and self.iter % self.param.snapshot == 0:
                 self.snapshot()
+            for callback in self.on_iteration_end:
+                callback(self)
         return self.smoothed_loss
 
     def solve(self, resume_file: Optional[str | Path] = None) -> None:
@@ -423,7 +438,9 @@ class Solver:
         loss = 0.0
         iterations = self.param.test_iter[test_net_id]
         with torch.no_grad():
-            for _ in range(iterations):
+            for callback in self.on_test_iteration:
+                callback(self, test_net_id, 0)
+            for done in range(1, iterations + 1):
                 outputs = net(**self._batch(net, self._next_test_inputs[test_net_id],
                                             f"test net #{test_net_id}"))
                 if self.param.test_compute_loss:
@@ -431,6 +448,8 @@ class Solver:
                 for name, value in outputs.items():
                     value = value.detach().double().cpu().numpy()
                     sums[name] = sums[name] + value if name in sums else value
+                for callback in self.on_test_iteration:
+                    callback(self, test_net_id, done)
         if self.param.test_compute_loss:
             logger.info("Test loss: %.6g", loss / iterations)
         means = {name: total / iterations for name, total in sums.items()}

@@ -17,7 +17,8 @@ A list of ``path label`` lines becomes an LMDB (or LevelDB) database of serializ
 Caffe: the path is everything before the line's last space and the label the integer after
 it; images are read with OpenCV's ``imread`` in colour or grayscale (``--gray``) and resized
 with bilinear interpolation when both ``--resize_height`` and ``--resize_width`` are set;
-commits every 1000 records. Differences: ``--shuffle`` draws the order from ``--seed``
+commits every 1000 records, logging ``Processed N files.`` (on a terminal a progress bar
+with the time left sits below the lines). Differences: ``--shuffle`` draws the order from ``--seed``
 (Caffe's own generator cannot be reproduced); a line without a label is an error (Caffe reads
 it as label 0 with the whole line as the path); ``--check_size`` compares the decoded image
 sizes, also for encoded records (Caffe compares encoded byte counts, which fails on any
@@ -36,6 +37,7 @@ import numpy as np
 from ..data.databases import Writer
 from ..data.extra import require
 from ..errors import CaffeFormatError, UnsupportedParameterError
+from ..train_log import caffe_log, quiet_opencv, tool_bar
 
 log = logging.getLogger(__name__)
 
@@ -129,28 +131,6 @@ def image_to_datum(filename: str, label: int, height: int = 0, width: int = 0,
     return caffe_pb2.Datum(data=data, label=label, encoded=True), image
 
 
-class _Progress:
-    """A tqdm bar over the images when tqdm is installed and stderr is a terminal; otherwise
-    nothing (the "Processed N files." log lines mark the progress)."""
-
-    def __init__(self, total: int):
-        self.bar = None
-        if sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, unit="img", leave=False)
-
-    def step(self) -> None:
-        if self.bar is not None:
-            self.bar.update()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def convert_imageset(root: str, list_file, db, resize_height: int = 0,
                      resize_width: int = 0, gray: bool = False, shuffle: bool = False,
                      seed: int = 0, encoded: bool = False, encode_type: str = "",
@@ -186,40 +166,41 @@ def convert_imageset(root: str, list_file, db, resize_height: int = 0,
         log.info("encode_type specified, assuming encoded=true.")
     resize_height, resize_width = max(0, resize_height), max(0, resize_width)
     writer = Writer(db, backend, "convert-imageset")
-    progress = _Progress(len(entries))
     count = 0
     first_shape: Optional[Tuple[int, ...]] = None
     try:
-        for index, (name, label, number) in enumerate(entries):
-            progress.step()
-            encoding = encode_type
-            if encoded and not encoding:
-                if "." not in name:
-                    raise CaffeFormatError(f"cannot guess the encoding of {name!r} from its "
-                                           "name; give --encode_type", list_path, number)
-                encoding = name.rsplit(".", 1)[1].lower()
-            datum, image = image_to_datum(root + name, label, resize_height, resize_width,
-                                          not gray, encoding)
-            if datum is None:
-                log.error("Could not open or find file %s", root + name)
-                continue
-            if check_size:
-                if first_shape is None:
-                    first_shape = image.shape
-                elif image.shape != first_shape:
-                    raise CaffeFormatError(
-                        f"image {name!r} is {_hwc_text(image.shape)}, the first is "
-                        f"{_hwc_text(first_shape)} (--check_size)", list_path, number)
-            writer.put(f"{index:08d}_{name}".encode(), datum.SerializeToString())
-            count += 1
-            if count % COMMIT_EVERY == 0:
-                writer.commit()
-                log.info("Processed %d files.", count)
+        with tool_bar(len(entries), "img") as bar:
+            for index, (name, label, number) in enumerate(entries):
+                if bar is not None:
+                    bar.update()
+                encoding = encode_type
+                if encoded and not encoding:
+                    if "." not in name:
+                        raise CaffeFormatError(f"cannot guess the encoding of {name!r} from "
+                                               "its name; give --encode_type", list_path,
+                                               number)
+                    encoding = name.rsplit(".", 1)[1].lower()
+                datum, image = image_to_datum(root + name, label, resize_height, resize_width,
+                                              not gray, encoding)
+                if datum is None:
+                    log.error("Could not open or find file %s", root + name)
+                    continue
+                if check_size:
+                    if first_shape is None:
+                        first_shape = image.shape
+                    elif image.shape != first_shape:
+                        raise CaffeFormatError(
+                            f"image {name!r} is {_hwc_text(image.shape)}, the first is "
+                            f"{_hwc_text(first_shape)} (--check_size)", list_path, number)
+                writer.put(f"{index:08d}_{name}".encode(), datum.SerializeToString())
+                count += 1
+                if count % COMMIT_EVERY == 0:
+                    writer.commit()
+                    log.info("Processed %d files.", count)
         if count % COMMIT_EVERY != 0:
             writer.commit()
             log.info("Processed %d files.", count)
     finally:
-        progress.close()
         writer.close()
     return count
 
@@ -231,9 +212,8 @@ def _hwc_text(shape) -> str:
 
 
 def cmd_convert_imageset(args) -> int:
-    from ..train_log import caffe_log
-
-    with caffe_log(sys.stderr, None):
+    quiet_opencv()
+    with caffe_log(sys.stderr):
         convert_imageset(args.root, args.list, args.db, args.resize_height, args.resize_width,
                          args.gray, args.shuffle, args.seed, args.encoded, args.encode_type,
                          args.check_size, args.backend)
@@ -246,9 +226,9 @@ def add_parser(subparsers: Callable) -> None:
         "convert-imageset",
         help="images listed as 'path label' lines to an LMDB of Caffe Datums "
              "(Caffe's convert_imageset)")
-    p.add_argument("root", help="folder prefix of every listed path (joined as a string: "
+    p.add_argument("root", metavar="ROOT/", help="folder prefix of every listed path (joined as a string: "
                                 "end it with /)")
-    p.add_argument("list", help="the list file: one 'path label' line per image")
+    p.add_argument("list", metavar="LIST.txt", help="the list file: one 'path label' line per image")
     p.add_argument("db", help="the database directory to create")
     p.add_argument("--gray", action="store_true", help="read the images in grayscale")
     p.add_argument("--shuffle", action="store_true",
@@ -256,15 +236,15 @@ def add_parser(subparsers: Callable) -> None:
     p.add_argument("--seed", type=int, default=0, help="the --shuffle seed")
     p.add_argument("--backend", default="lmdb", choices=["lmdb", "leveldb"],
                    help="the database kind (leveldb needs the package plyvel)")
-    p.add_argument("--resize_width", type=int, default=0,
+    p.add_argument("--resize_width", type=int, default=0, metavar="W",
                    help="resize images to this width (with --resize_height)")
-    p.add_argument("--resize_height", type=int, default=0,
+    p.add_argument("--resize_height", type=int, default=0, metavar="H",
                    help="resize images to this height (with --resize_width)")
     p.add_argument("--check_size", action="store_true",
                    help="every image must have the size of the first")
     p.add_argument("--encoded", action="store_true",
                    help="store the images encoded (the file's format) rather than raw bytes")
-    p.add_argument("--encode_type", default="",
+    p.add_argument("--encode_type", default="", metavar="png|jpg|...",
                    help="the format of encoded images (png, jpg...); implies --encoded")
     p.set_defaults(run=cmd_convert_imageset)
 

@@ -5,7 +5,8 @@ float BlobProto (``mean.binaryproto``, what ``transform_param { mean_file }`` re
 Caffe's log lines:
 ``Starting iteration``, ``Processed N files.`` every 10000 records and at the end,
 ``Write to OUT``, ``Number of channels: C`` and ``mean_value channel [c]: M`` per channel
-(the values to give ``mean_value`` instead).
+(the values to give ``mean_value`` instead). On a terminal a progress bar with the time
+left sits below the lines.
 
 Caffe: encoded records are decoded in their own channels (``DecodeDatumNative``); raw
 records hold ``data`` bytes or ``float_data``; every record must hold as many values as the
@@ -25,6 +26,7 @@ import numpy as np
 from ..data.databases import open_reader
 from ..data.extra import require
 from ..errors import CaffeFormatError
+from ..train_log import caffe_log, is_terminal, tool_bar
 
 log = logging.getLogger(__name__)
 
@@ -66,27 +68,31 @@ def compute_image_mean(db, output=None, backend: str = "lmdb") -> np.ndarray:
     count = 0
     if not path.is_dir():
         raise CaffeFormatError("no database directory here", path)
-    for key, value in open_reader(path, backend, "compute-image-mean").items():
-        where = f"entry {key.decode(errors='replace')!r}"
-        try:
-            datum = caffe_pb2.Datum.FromString(value)
-        except DecodeError:
-            raise CaffeFormatError(f"{where} is not a Caffe Datum", path) from None
-        values, item_shape = datum_values(datum, where, path)
-        if total is None:
-            if datum.encoded:
-                log.info("Decoding Datum")
-            shape = item_shape
-            total = np.zeros(values.size, dtype=np.float32)
-            log.info("Starting iteration")
-        if values.size != int(np.prod(shape)):
-            raise CaffeFormatError(f"{where}: Incorrect data field size {values.size} "
-                                   f"(the first record holds {int(np.prod(shape))})",
-                                   path)
-        total += values
-        count += 1
-        if count % LOG_EVERY == 0:
-            log.info("Processed %d files.", count)
+    reader = open_reader(path, backend, "compute-image-mean")
+    with tool_bar(len(reader.keys()) if is_terminal(sys.stderr) else 0, "img") as bar:
+        for key, value in reader.items():
+            where = f"entry {key.decode(errors='replace')!r}"
+            try:
+                datum = caffe_pb2.Datum.FromString(value)
+            except DecodeError:
+                raise CaffeFormatError(f"{where} is not a Caffe Datum", path) from None
+            values, item_shape = datum_values(datum, where, path)
+            if total is None:
+                if datum.encoded:
+                    log.info("Decoding Datum")
+                shape = item_shape
+                total = np.zeros(values.size, dtype=np.float32)
+                log.info("Starting iteration")
+            if values.size != int(np.prod(shape)):
+                raise CaffeFormatError(f"{where}: Incorrect data field size {values.size} "
+                                       f"(the first record holds {int(np.prod(shape))})",
+                                       path)
+            total += values
+            count += 1
+            if bar is not None:
+                bar.update()
+            if count % LOG_EVERY == 0:
+                log.info("Processed %d files.", count)
     if total is None:
         raise CaffeFormatError("the database is empty", path)
     if count % LOG_EVERY != 0:
@@ -104,9 +110,7 @@ def compute_image_mean(db, output=None, backend: str = "lmdb") -> np.ndarray:
 
 
 def cmd_compute_image_mean(args) -> int:
-    from ..train_log import caffe_log
-
-    with caffe_log(sys.stderr, None):
+    with caffe_log(sys.stderr):
         compute_image_mean(args.db, args.output, args.backend)
     return 0
 
@@ -118,7 +122,7 @@ def add_parser(subparsers: Callable) -> None:
         help="the mean image of an LMDB of Datums as mean.binaryproto "
              "(Caffe's compute_image_mean)")
     p.add_argument("db", help="the LMDB database directory")
-    p.add_argument("output", nargs="?", help="the mean BlobProto to write (mean.binaryproto)")
+    p.add_argument("output", nargs="?", metavar="mean.binaryproto", help="the mean BlobProto to write (mean.binaryproto)")
     p.add_argument("--backend", default="lmdb", choices=["lmdb", "leveldb"],
                    help="the database kind (leveldb needs the package plyvel)")
     p.set_defaults(run=cmd_compute_image_mean)

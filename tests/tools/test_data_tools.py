@@ -217,6 +217,7 @@ def test_commands(images, tmp_path, capsys):
                  "--shuffle", "--seed", "2", "--resize_height", "4", "--resize_width", "3"]) == 0
     err = capsys.readouterr().err
     assert "] Shuffling data" in err and "] Processed 4 files." in err
+    assert "\r" not in err  # no bar when stderr is not a terminal
     out = tmp_path / "mean.binaryproto"
     assert main(["compute-image-mean", str(tmp_path / "db"), str(out)]) == 0
     err = capsys.readouterr().err
@@ -225,6 +226,31 @@ def test_commands(images, tmp_path, capsys):
     assert main(["convert-imageset", str(folder) + "/", str(list_file), str(tmp_path / "db"),
                  "--backend", "lmdb"]) == 2
     assert "the database already exists" in capsys.readouterr().err
+
+
+def test_progress_bars_on_a_terminal(images, tmp_path, monkeypatch):
+    """On a terminal both tools draw a bar (count of total, elapsed<remaining) and their
+    log lines are written whole above it; elsewhere (test_commands) the lines alone."""
+    import io as text_io
+    import re
+    import sys
+
+    from caffelayers.cli import main
+
+    class Terminal(text_io.StringIO):
+        def isatty(self):
+            return True
+
+    folder, list_file, _ = images
+    for argv in (["convert-imageset", str(folder) + "/", str(list_file), str(tmp_path / "db")],
+                 ["compute-image-mean", str(tmp_path / "db")]):
+        terminal = Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert main(argv) == 0
+        text = terminal.getvalue()
+        assert re.search(r"\b[0-4]/4 \[\d\d:\d\d<(\?|\d\d:\d\d)", text), text
+        assert re.search(r"(^|[\r\n])I\d{4} [\d:.]+ +\d+ \w+\.py:\d+\] Processed 4 files\.\n",
+                         text), text
 
 
 def _have_plyvel() -> bool:
