@@ -1,5 +1,5 @@
 """Time the softmax-loss family around A-Softmax against torch.nn.functional.cross_entropy
-(forward + backward).
+(forward + backward), at each thread count asked for (``--threads``, default ``1,all``).
 
 Every row is a ratio to ``F.cross_entropy(logits, labels)`` measured in the same run, on
 inputs of the same shape, in interleaved rounds (a load change on the machine hits every
@@ -7,7 +7,8 @@ contender alike), so the numbers compare across machines. Where a straightforwar
 version of the same loss exists, its ratio is printed too: that is what the hand-written
 backward saves. The margin heads are timed by ``bench_margin.py`` (against the product).
 
-    python benchmarks/bench_losses.py [--device cpu|cuda] [--repeat 15] [--threads 1]
+    python benchmarks/bench_losses.py [--device cpu|cuda] [--repeat 15] [--threads 1,all]
+    python benchmarks/bench_losses.py --quick                    # classification, 3 rounds
     python benchmarks/bench_losses.py --threads 1 --clock cpu    # steadier on a busy CPU
 """
 
@@ -27,6 +28,7 @@ SHAPES = {
     "classification N=512 C=1000": (512, 1000),
     "segmentation N=8 C=21 128x128": (8, 21, 128, 128),
 }
+QUICK_SHAPES = ("classification N=512 C=1000",)
 
 
 # -- straightforward autograd versions, for comparison ------------------------------------
@@ -114,27 +116,28 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_options(parser, repeat=15)
     args = parser.parse_args(argv)
-    device, clock = apply_options(parser, args)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {args.clock} "
-          f"clock, median of {args.repeat} interleaved rounds, float32, forward + backward")
-    print("| case | loss | ms | x cross_entropy | autograd version x cross_entropy |")
-    print("|---|---|---|---|---|")
-    for case, shape in SHAPES.items():
-        generator = torch.Generator(device=device).manual_seed(0)
-        rows = contenders(shape, device, generator)
-        steps = {}
-        for name, (ours, naive) in rows.items():
-            steps[name] = ours
-            if naive is not None:
-                steps[name + " (autograd)"] = naive
-        times = median_times(steps, args.repeat, device, clock)
-        baseline = times["F.cross_entropy (baseline)"]
-        for name, (_, naive) in rows.items():
-            autograd = (f"{times[name + ' (autograd)'] / baseline:.2f}" if naive is not None
-                        else "")
-            print(f"| {case} | {name} | {times[name] * 1e3:.2f} | "
-                  f"{times[name] / baseline:.2f} | {autograd} |", flush=True)
-
+    device, clock, threads = apply_options(parser, args)
+    print(f"torch {torch.__version__}, {device}, {args.clock} clock, median of {args.repeat} "
+          "interleaved rounds, float32, forward + backward")
+    print("| threads | case | loss | ms | x cross_entropy | autograd version x cross_entropy |")
+    print("|---|---|---|---|---|---|")
+    for count in threads:
+        torch.set_num_threads(count)
+        for case in (QUICK_SHAPES if args.quick else SHAPES):
+            generator = torch.Generator(device=device).manual_seed(0)
+            rows = contenders(SHAPES[case], device, generator)
+            steps = {}
+            for name, (ours, naive) in rows.items():
+                steps[name] = ours
+                if naive is not None:
+                    steps[name + " (autograd)"] = naive
+            times = median_times(steps, args.repeat, device, clock)
+            baseline = times["F.cross_entropy (baseline)"]
+            for name, (_, naive) in rows.items():
+                autograd = (f"{times[name + ' (autograd)'] / baseline:.2f}" if naive is not None
+                            else "")
+                print(f"| {count} | {case} | {name} | {times[name] * 1e3:.2f} | "
+                      f"{times[name] / baseline:.2f} | {autograd} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
-"""What the micro-benchmarks share: device, threads and clock options, interleaved timing.
+"""What the micro-benchmarks share: device, thread counts and clock options, interleaved
+timing.
 
 Run the scripts as ``python benchmarks/NAME.py``; Python then finds this module beside them.
 """
@@ -6,6 +7,7 @@ Run the scripts as ``python benchmarks/NAME.py``; Python then finds this module 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -13,23 +15,55 @@ import torch
 
 
 def add_options(parser: argparse.ArgumentParser, repeat: int) -> None:
-    """``--device``, ``--repeat``, ``--threads`` and ``--clock``."""
+    """``--device``, ``--repeat``, ``--threads``, ``--clock`` and ``--quick``."""
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--repeat", type=int, default=repeat, help="timed rounds")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help=f"timed rounds (default {repeat}, 3 with --quick)")
+    parser.add_argument("--threads", default="1,all",
+                        help="comma-separated torch CPU thread counts to measure one after "
+                             "the other; 'all' is every core this process may use "
+                             "(default: 1,all)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or this process's CPU time (steadier on a shared "
                              "machine; CPU device only; counts the work of all threads)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer rounds and only the smaller shapes: a smoke run")
+    parser.set_defaults(default_repeat=repeat)
+
+
+def all_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def thread_counts(text: str) -> list[int]:
+    """``"1,all"`` -> ``[1, cores]``, in order, without repeats; ValueError when a count is
+    neither a positive integer nor ``all``."""
+    counts: list[int] = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        count = all_cores() if item == "all" else int(item)
+        if count < 1:
+            raise ValueError(f"a thread count must be positive, got {count}")
+        if count not in counts:
+            counts.append(count)
+    return counts
 
 
 def apply_options(parser: argparse.ArgumentParser, args):
-    """Set the thread count; return ``(device, clock)`` for :func:`median_times`."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    """``(device, clock, thread counts)`` from the options; fills in ``args.repeat``."""
+    if args.repeat is None:
+        args.repeat = 3 if args.quick else args.default_repeat
+    try:
+        threads = thread_counts(args.threads)
+    except ValueError as error:
+        parser.error(f"--threads: {error}")
     device = torch.device(args.device)
     if args.clock == "cpu" and device.type != "cpu":
         parser.error("--clock cpu measures CPU work only; use it with --device cpu")
-    return device, (time.process_time if args.clock == "cpu" else time.perf_counter)
+    return device, (time.process_time if args.clock == "cpu" else time.perf_counter), threads
 
 
 def median_times(steps, repeat: int, device: torch.device, clock=time.perf_counter):

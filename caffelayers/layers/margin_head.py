@@ -25,8 +25,12 @@ from ..errors import CaffeFormatError, ShapeError, UnsupportedParameterError
 from ..fillers import fill
 from ..registry import register_layer
 from .base import CaffeLayer, as_labels, check_label_range, count
-from .margin_inner_product import (_MarginProduct, _through_unit_rows_, head_logits_shape,
-                                   margin_terms)
+from .margin_inner_product import (
+    _MarginProduct,
+    head_logits_shape,
+    margin_terms,
+    through_row_normalization,
+)
 
 __all__ = ["KINDS", "MarginHead", "label_margin", "margin_head"]
 
@@ -164,22 +168,23 @@ def _check_margin(kind: str, m: Margin | None):
 
 class _ScaledUnitRows(torch.autograd.Function):
     """``s x / |x|`` row by row (zero rows stay zero), with the projected gradient
-    ``s (g - (g . u) u) / |x|``."""
+    ``s (g - (g . u) u) / |x|`` (zero for a zero row): one pass over ``x`` each way."""
 
     @staticmethod
     def forward(ctx, x, scale):
-        inverse_norm = torch.linalg.vector_norm(x, dim=1).reciprocal_()
-        inverse_norm.masked_fill_(torch.isinf(inverse_norm), 0.0)
-        unit = x * inverse_norm.unsqueeze(1)
-        ctx.save_for_backward(unit, inverse_norm)
-        ctx.scale = scale
-        return unit * scale
+        # the norms in the precision the backward kernel takes (float32 for half rows)
+        norm_type = torch.promote_types(x.dtype, torch.float32)
+        norms = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=norm_type)
+        nonzero = norms > 0
+        norms = norms.masked_fill_(~nonzero, 1.0)  # 0 / 1 keeps a zero row zero
+        ctx.save_for_backward(x, norms, (nonzero * scale).to(x.dtype))
+        return x * (scale / norms).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        unit, inverse_norm = ctx.saved_tensors
-        return _through_unit_rows_(grad * ctx.scale, unit, inverse_norm), None
+        x, norms, gain = ctx.saved_tensors
+        return through_row_normalization(grad, x, norms, gain), None
 
 
 def margin_head(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None,

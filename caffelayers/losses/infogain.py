@@ -92,28 +92,41 @@ def _cost_matrix(H: CostMatrix, classes: int, like: torch.Tensor, shapes, layer:
     return H.reshape(classes, classes).to(dtype=like.dtype, device=like.device)
 
 
+def _is_tracing() -> bool:
+    """Whether torch.export or torch.compile is tracing: no Python branch on tensor values
+    then; the checks become graph assertions and the fast paths give way to the general
+    ones (same values)."""
+    return torch.compiler.is_compiling()
+
+
 def _labels_and_mask(labels: torch.Tensor, classes: int, ignore_label: Optional[int],
                      layer: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Labels as indices with ignored positions moved to class 0, and the mask of kept ones.
 
     The mask is None when nothing is ignored, so that the common case skips the masking.
-    A label outside ``[0, C)`` is an error (Caffe only checks it in debug builds).
+    A label outside ``[0, C)`` is an error (Caffe only checks it in debug builds): a
+    :class:`LabelError` eagerly; when traced (torch.export), an assertion in the graph that
+    raises a ``RuntimeError`` with the same message when the program runs, and the mask is
+    kept whenever there is an ignore label (all ones when nothing is ignored).
     """
     keep = None
     if ignore_label is not None:
         keep = labels != ignore_label
-        if bool(keep.all()):
-            keep = None
-        else:
-            labels = labels.masked_fill(~keep, 0)
+        labels = labels.masked_fill(~keep, 0)
+    outside = "" if ignore_label is None else f" that are not the ignore_label {ignore_label}"
+    if _is_tracing():
+        valid = ((labels >= 0) & (labels < classes)).all()
+        torch._assert_async(valid, f"layer {layer!r}: label(s) outside [0, {classes})"
+                                   f"{outside}")
+        return labels, keep
+    if keep is not None and bool(keep.all()):
+        keep = None
     if labels.numel():
         lowest, highest = torch.aminmax(labels)
         if lowest.item() < 0 or highest.item() >= classes:
             bad = labels[(labels < 0) | (labels >= classes)]
             raise LabelError(f"layer {layer!r}: {bad.numel()} label(s) outside [0, {classes})"
-                             f" (first: {int(bad[0])})"
-                             + ("" if ignore_label is None else
-                                f" that are not the ignore_label {ignore_label}"))
+                             f" (first: {int(bad[0])}){outside}")
     return labels, keep
 
 
@@ -164,8 +177,12 @@ class _SoftmaxInfogain(torch.autograd.Function):
             total = picked.sum()
         else:
             rows = _label_rows(H, labels, keep)
-            total = torch.dot(rows.view(-1), log_prob.view(-1))
-            if log_floor is not None and log_prob.numel() and bool(log_prob.min() < log_floor):
+            # a traced graph cannot branch on values: it floors every entry
+            floor_all = log_floor is not None and _is_tracing()
+            floored = log_prob.clamp(min=log_floor) if floor_all else log_prob
+            total = torch.dot(rows.view(-1), floored.view(-1))
+            if (log_floor is not None and not floor_all and log_prob.numel()
+                    and bool(log_prob.min() < log_floor)):
                 # add back what the floor saves; saturated entries are rare, so index them
                 low = log_prob < log_floor
                 total = total + torch.dot(rows[low], log_floor - log_prob[low])

@@ -16,11 +16,9 @@ What the program fixes at conversion:
   cannot be traced; such nets are exported with ``torch.export.draft_export``, which takes
   the branch that valid labels take and keeps the condition as a runtime assertion, so an
   out-of-range label raises when the program runs instead of giving numbers.
-* InfogainLoss is refused (:data:`UNTRACEABLE`): it branches on its labels with
-  ``.item()`` calls whose unbacked symbols torch 2.13's draft_export loses or asserts
-  wrongly (``PendingUnbackedSymbolNotFound`` at export, or a runtime assertion failing on
-  the very inputs it traced), depending on what torch cached before. Convert such nets to
-  PyTorch source or ONNX.
+* InfogainLoss checks its labels without branching on them: while tracing, the check is a
+  graph assertion (``torch._assert_async``) with the eager error's message, so it exports
+  with plain ``torch.export.export``.
 * The batch size is symbolic (``torch.export.Dim.AUTO``) where the net allows it; a layer
   that fixes it (a Reshape to fixed dims, an example batch of 1, a loss whose branches
   draft_export resolved on the example's size) keeps the example's, and the metadata's
@@ -54,10 +52,6 @@ from .codegen import write_pytorch
 from .torchscript import _example_inputs
 
 METADATA_FILE = "caffelayers.json"
-
-#: Caffe types whose modules torch.export cannot trace reliably, and why.
-UNTRACEABLE = {"InfogainLoss": "its label checks branch on .item() values that torch 2.13's "
-                               "draft_export does not trace soundly"}
 
 #: torch loggers that report every data-dependent branch draft_export resolves, and the
 #: report it ends with; the branches are the label checks this module documents.
@@ -138,16 +132,9 @@ def convert_to_exported(net, path, example_inputs: Optional[Mapping[str, object]
         as runtime assertions, see the module docstring).
 
     Raises:
-        UnsupportedParameterError: a layer of :data:`UNTRACEABLE`, or torch.export cannot
-            trace the net; the message names the layers run by caffelayers modules and the
-            first line of torch's reason.
+        UnsupportedParameterError: torch.export cannot trace the net; the message names
+            the layers run by caffelayers modules and the first line of torch's reason.
     """
-    refused = [f"{node.name!r} ({node.type}: {UNTRACEABLE[node.type]})"
-               for node in net.graph.nodes if node.type in UNTRACEABLE]
-    if refused:
-        raise UnsupportedParameterError(f"the net cannot be exported with torch.export: "
-                                        f"{', '.join(refused)}; convert it to PyTorch source "
-                                        "or ONNX instead")
     with tempfile.TemporaryDirectory(prefix="caffelayers-exported-") as tmp:
         generated, model = write_pytorch(net, tmp, class_name)
         _freeze_iterations(model)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from caffelayers import CaffeLayersError, Net, UnsupportedParameterError
+from caffelayers import CaffeLayersError, Net
 from caffelayers.cli import main
 from caffelayers.converters.pytorch import forward_by_name
 from caffelayers.converters.pytorch.exported import (
@@ -61,12 +61,6 @@ def test_fixture_case_matches_caffe(case, tmp_path):
     net = Net(case / "net.prototxt", case / "weights.caffemodel", phase=phase)
     inputs = {name: arrays[f"input/{name}"] for name in meta["inputs"]}
     path = tmp_path / "model.pt2"
-    if any(node.type == "InfogainLoss" for node in net.graph.nodes):
-        # torch 2.13's draft_export traces its .item() label checks unsoundly, at random.
-        with pytest.raises(UnsupportedParameterError, match=r"'infogain' \(InfogainLoss: "):
-            convert_to_exported(net, path, example_inputs=inputs)
-        assert not path.exists()
-        return
     convert_to_exported(net, path, example_inputs=inputs)
     module, input_names, output_names = load_exported(path)
     assert input_names == net.inputs and output_names == net.outputs
@@ -76,8 +70,8 @@ def test_fixture_case_matches_caffe(case, tmp_path):
 
 
 def test_margin_and_loss_cases_are_covered():
-    """Every MarginInnerProduct and SoftmaxWithLoss case is a forward check (none is
-    skipped; the InfogainLoss cases check the refusal)."""
+    """Every MarginInnerProduct, SoftmaxWithLoss and InfogainLoss case is a forward check
+    (none is skipped)."""
     covered = {case.name for case in CASES
                if case_phase(case, load_reference(case)[0])[0] is not None}
     heads = {case.name for case in CASES if case.name.startswith(("mip_", "softmax_loss_",
