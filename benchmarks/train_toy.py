@@ -2,14 +2,17 @@
 
 The script draws ``--classes`` made-up identities (skin tone, face shape, eye spacing and
 size, mouth, hair) and ``--per-class`` jittered pictures of each (shift, rotation,
-brightness, noise) as PNG files with an ImageData list, writes a SphereFace-4 train prototxt
-(MarginInnerProduct QUADRUPLE + SoftmaxWithLoss, mirror and mean/scale as the authors') and
-a solver, runs ``caffelayers train`` on them, reads the loss and lambda back from the Caffe
-log (``Iteration N (...), loss = X`` and ``Train net output #1: lambda = Y``, as Caffe's
-``parse_log.py`` would) and plots both to ``docs/train_toy.png``.
+brightness, noise) as PNG files with ImageData lists (every fifth picture of an identity
+held out for the TEST phase), writes a SphereFace-4 prototxt (MarginInnerProduct QUADRUPLE +
+SoftmaxWithLoss, mirror and mean/scale as the authors', an Accuracy in TEST) and a solver
+that tests ten times, runs ``caffelayers train --log train.log`` on them, reads the loss and
+lambda back from the Caffe log (``Iteration N (...), loss = X`` and ``Train net output #1:
+lambda = Y``, as Caffe's ``parse_log.py`` would) and plots both to ``docs/train_toy.png``.
+``caffelayers plot WORKDIR/train.log -o curves.png`` draws the log's loss, test accuracy and
+learning rate.
 
     python benchmarks/train_toy.py                       # 300 iterations, a few minutes on CPU
-    python benchmarks/train_toy.py --iterations 100 --out /tmp/toy.png
+    python benchmarks/train_toy.py --iterations 100 --out /tmp/toy.png --workdir /tmp/toy
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 HEIGHT, WIDTH = 56, 48
+TEST_BATCH = 20
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -68,14 +72,16 @@ def make_dataset(folder: Path, classes: int, per_class: int, seed: int = 0) -> P
 
     rng = np.random.default_rng(seed)
     (folder / "faces").mkdir(parents=True, exist_ok=True)
-    lines = []
+    lists = {"train": [], "test": []}
     for label in range(classes):
         identity = draw_identity(rng)
         for index in range(per_class):
             name = f"faces/{label:03d}_{index:03d}.png"
             cv2.imwrite(str(folder / name), draw_face(cv2, identity, rng))
-            lines.append(f"{name} {label}\n")
-    (folder / "train.txt").write_text("".join(lines))
+            # every fifth picture of an identity is held out for the TEST phase
+            lists["test" if index % 5 == 4 else "train"].append(f"{name} {label}\n")
+    for phase, lines in lists.items():
+        (folder / f"{phase}.txt").write_text("".join(lines))
     return folder / "train.txt"
 
 
@@ -90,10 +96,15 @@ layer {{ name: "relu{name[4:]}" type: "PReLU" bottom: "{name}" top: "{name}" }}
 
 def write_net(folder: Path, classes: int, batch: int) -> None:
     text = f'''name: "SpherefaceToy-4"
-layer {{ name: "data" type: "ImageData" top: "data" top: "label"
+layer {{ name: "data" type: "ImageData" top: "data" top: "label" include {{ phase: TRAIN }}
   transform_param {{ mean_value: 127.5 mean_value: 127.5 mean_value: 127.5
     scale: 0.0078125 mirror: true }}
   image_data_param {{ source: "train.txt" batch_size: {batch} shuffle: true
+    new_height: {HEIGHT} new_width: {WIDTH} }} }}
+layer {{ name: "data" type: "ImageData" top: "data" top: "label" include {{ phase: TEST }}
+  transform_param {{ mean_value: 127.5 mean_value: 127.5 mean_value: 127.5
+    scale: 0.0078125 }}
+  image_data_param {{ source: "test.txt" batch_size: {TEST_BATCH}
     new_height: {HEIGHT} new_width: {WIDTH} }} }}
 '''
     bottom = "data"
@@ -107,16 +118,20 @@ layer {{ name: "fc6" type: "MarginInnerProduct" bottom: "fc5" bottom: "label" to
     weight_filler {{ type: "xavier" }} base: 1000 gamma: 0.5 power: 1 lambda_min: 5 }} }}
 layer {{ name: "softmax_loss" type: "SoftmaxWithLoss" bottom: "fc6" bottom: "label"
   top: "softmax_loss" }}
+layer {{ name: "accuracy" type: "Accuracy" bottom: "fc6" bottom: "label" top: "accuracy"
+  include {{ phase: TEST }} }}
 '''
     (folder / "net.prototxt").write_text(text)
 
 
-def write_solver(folder: Path, iterations: int) -> Path:
+def write_solver(folder: Path, iterations: int, test_items: int) -> Path:
     steps = " ".join(f"stepvalue: {int(iterations * f)}" for f in (0.6, 0.85))
+    test = f"test_iter: {-(-test_items // TEST_BATCH)} test_interval: {max(iterations // 10, 1)}"
     (folder / "solver.prototxt").write_text(
         f'net: "net.prototxt"\nbase_lr: 0.01 momentum: 0.9 weight_decay: 0.0005\n'
         f'lr_policy: "multistep" gamma: 0.1 {steps}\nmax_iter: {iterations}\n'
-        f'display: 10 average_loss: 10 snapshot: 0 snapshot_prefix: "toy" random_seed: 1\n')
+        f'display: 10 average_loss: 10 snapshot: 0 snapshot_prefix: "toy" random_seed: 1\n'
+        f"{test}\n")
     return folder / "solver.prototxt"
 
 
@@ -168,21 +183,22 @@ def main():
     from caffelayers.train import add_train_parser
 
     with contextlib.ExitStack() as stack:
-        folder = Path(args.workdir or stack.enter_context(tempfile.TemporaryDirectory()))
+        folder = Path(args.workdir or stack.enter_context(tempfile.TemporaryDirectory())).resolve()
         folder.mkdir(parents=True, exist_ok=True)
         make_dataset(folder, args.classes, args.per_class)
         write_net(folder, args.classes, args.batch)
-        solver = write_solver(folder, args.iterations)
+        test_items = len((folder / "test.txt").read_text().splitlines())
+        solver = write_solver(folder, args.iterations, test_items)
         command = argparse.ArgumentParser(prog="caffelayers")
         add_train_parser(command.add_subparsers(dest="command", required=True))
-        train_args = command.parse_args(["train", str(solver), "--workers", str(args.workers)])
+        train_args = command.parse_args(["train", str(solver), "--workers", str(args.workers),
+                                         "--log", str(folder / "train.log")])
         log = folder / "train.log"
         here = os.getcwd()
         os.chdir(folder)  # Caffe reads the prototxt's relative names from the working directory
         stack.callback(os.chdir, here)
         start = time.perf_counter()
-        with open(log, "w") as stream, contextlib.redirect_stderr(stream):
-            status = train_args.run(train_args)
+        status = train_args.run(train_args)
         seconds = time.perf_counter() - start
         iterations, losses, lambdas = read_log(log.read_text())
     if status != 0 or not losses:

@@ -1,30 +1,34 @@
 """``caffelayers train``: Caffe's ``caffe train``, reading the data layers' own sources.
 
     caffelayers train SOLVER.prototxt [--weights W.caffemodel] [--snapshot S.solverstate]
-        [--device cpu|cuda] [--margin-backward caffe|exact] [--nproc N] [--workers N]
+        [--device cpu|cuda] [--margin-backward caffe|exact] [--nproc N] [--workers N] ...
 
 The solver is :class:`~caffelayers.Solver`; the data layers are read by
-:mod:`caffelayers.data` in worker processes. The log is Caffe's (glog-style lines such as
+:mod:`caffelayers.data` in worker processes, after a fast check of their files and labels
+(:mod:`caffelayers.data.precheck`). The log is Caffe's (glog-style lines such as
 ``Iteration 100 (...), loss = 2.3`` and ``Test net output #0: accuracy = 0.9``, which Caffe's
-``parse_log.py`` reads) on stderr; on a terminal a progress bar sits below it. A non-finite loss stops with an error naming the first layer
-whose output became non-finite.
+``parse_log.py`` reads) on stderr and in ``--log FILE``; on a terminal a progress bar sits
+below it, otherwise plain progress lines (:mod:`caffelayers.train_log`). A non-finite loss
+stops with an error naming the first layer whose output became non-finite.
 
 Signals, as Caffe's ``-sigint_effect``/``-sighup_effect``: each of SIGINT, SIGTERM and SIGHUP
-has an effect, ``stop`` (at the next iteration boundary, the iteration under way dropped
-before its update; then the snapshot of ``snapshot_after_train``, and exit status 130),
-``snapshot`` (after the update of the iteration under way, and go on) or ``none``. SIGINT stops and SIGHUP snapshots, as in Caffe; SIGTERM, what schedulers
-send, does what SIGINT does unless ``--sigterm-effect`` says otherwise. A second stop signal
-aborts at once (one within a second of the first is the same request arriving twice). No process outlives the run, however it ends: the loader workers exit with
-the process that owns them (see :mod:`caffelayers.data.loader`).
+has an effect, ``stop``, ``snapshot`` or ``none``, acted on after the update of the
+iteration under way, where Caffe's ``Solver::Step`` asks for it: ``snapshot`` writes one and
+goes on, ``stop`` ends the run with the snapshot of ``snapshot_after_train`` and exit status
+130. SIGINT stops and SIGHUP snapshots, as in Caffe; SIGTERM, what schedulers send, does
+what SIGINT does unless ``--sigterm-effect`` says otherwise. A second stop signal aborts at
+once (one within a second of the first is the same request arriving twice). No process
+outlives the run, however it ends: the loader workers exit with the process that owns them
+(see :mod:`caffelayers.data.loader`).
 
 ``--nproc N`` trains with N processes on this machine through ``torch.distributed``
 (``DistributedDataParallel``; gloo on CPU, NCCL on GPUs), each reading ``batch_size`` items
 and the gradients averaged, as Caffe's multi-GPU training does; ``torchrun`` runs the same
 across machines (``torchrun --nnodes 2 --nproc-per-node 4 -m caffelayers train ...``),
 each process one rank (see :mod:`caffelayers.launch`). The ranks agree on every signal's
-iteration, rank 0 alone tests, logs and snapshots. ``--shard-head`` also splits the train net's
-margin head (MarginInnerProduct or MarginHead with its SoftmaxWithLoss) by class over the
-processes, and snapshots gather it into a standard caffemodel (see
+iteration; rank 0 alone tests, logs and snapshots. ``--shard-head`` also splits the train
+net's margin head (MarginInnerProduct or MarginHead with its SoftmaxWithLoss) by class over
+the processes, and snapshots gather it into a standard caffemodel (see
 :mod:`caffelayers.shard_training`).
 
 The log gives Caffe's ``Use CPU.`` or ``Using GPUs ...``, ``Finetuning from ...`` and

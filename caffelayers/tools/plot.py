@@ -16,8 +16,9 @@ As Caffe's ``parse_log.py``, the last ``Iteration N`` seen gives the iteration o
 line, and seconds count from the ``Solving`` line (else the first glog line), in the year of
 glog's ``Log file created at:`` header (else the file's), rolled over when the month goes
 back. The figure (matplotlib, the ``plot`` extra) has a
-panel of losses (train loss and test outputs named ``*loss*``), one of the other outputs
-(accuracy...) and one of the learning rate (log scale), one curve per log and series.
+panel of losses (train loss and test outputs named ``*loss*``), one per other output
+(accuracy, lambda...: train and test of one name together, since their scales differ) and
+one of the learning rate (log scale), one curve per log and series.
 ``--json`` prints the parsed series instead of (or, with ``-o``, besides) drawing them.
 """
 
@@ -151,7 +152,8 @@ def plot_logs(logs: List[TrainingLog], output: str | Path, x: str = "iters") -> 
     import matplotlib.pyplot as plt
 
     column = 0 if x == "iters" else 1
-    panels: Dict[str, List] = {"loss": [], "outputs": [], "learning rate": []}
+    panels: Dict[str, List] = {"loss": []}
+    rates = []
     for log in logs:
         prefix = f"{Path(log.path).name}: " if len(logs) > 1 else ""
 
@@ -161,13 +163,14 @@ def plot_logs(logs: List[TrainingLog], output: str | Path, x: str = "iters") -> 
         if log.train_loss:
             panels["loss"].append((tag("train loss"), log.train_loss, "-"))
         for name, series in log.test_outputs.items():
-            panel = "loss" if "loss" in name else "outputs"
-            panels[panel].append((tag(f"test {name}"), series, "o-"))
+            panel = "loss" if "loss" in name else name
+            panels.setdefault(panel, []).append((tag(f"test {name}"), series, "o-"))
         for name, series in log.train_outputs.items():
             if "loss" not in name:
-                panels["outputs"].append((tag(f"train {name}"), series, "--"))
+                panels.setdefault(name, []).append((tag(f"train {name}"), series, "--"))
         if log.learning_rate:
-            panels["learning rate"].append((tag("lr"), log.learning_rate, "steps"))
+            rates.append((tag("lr"), log.learning_rate, "steps"))
+    panels["learning rate"] = rates
     used = [(title, curves) for title, curves in panels.items() if curves]
     if not used:
         raise CaffeLayersError("the logs hold no iterations with a loss, an output or a "
