@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -384,21 +383,13 @@ class ShardedHeadSolver(_DistributedSolver):
                                    "splits the head (every rank reads the full state)")
         super().restore(state_file)
 
-    def _clip_gradients(self, diffs: Sequence[torch.Tensor]) -> None:
-        """Caffe's ``ClipGradients`` over the whole net: the shards' squares summed over the
-        ranks, the trunk's (already averaged, equal everywhere) counted once."""
-        threshold = self.param.clip_gradients
-        if threshold < 0 or not diffs or self.head is None:
-            return super()._clip_gradients(diffs)
-        squares = [float(torch.sum(diff.double() * diff.double())) for diff in diffs]
+    def _squared_norm(self, diffs: Sequence[torch.Tensor]) -> float:
+        """For Caffe's ``ClipGradients`` over the whole net: the shards' squares summed over
+        the ranks, the trunk's (already averaged, equal everywhere) counted once."""
+        if self.head is None:
+            return super()._squared_norm(diffs)
+        squares = self._squares(diffs)
         shard = torch.tensor([squares.pop(self._head_index)], dtype=torch.float64,
                              device=diffs[self._head_index].device)
         dist.all_reduce(shard, group=self.head.group)
-        norm = math.sqrt(sum(squares) + float(shard))
-        if norm > threshold:
-            scale = threshold / norm
-            logger.info("Gradient clipping: scaling down gradients (L2 norm %g > %g) by scale "
-                        "factor %g", norm, threshold, scale)
-            with torch.no_grad():
-                for diff in diffs:
-                    diff.mul_(scale)
+        return sum(squares) + float(shard)

@@ -399,11 +399,19 @@ class Solver:
                 if not blob.is_statistic:
                     blob.tensor.sub_(diff)
 
+    @staticmethod
+    def _squares(diffs: Sequence[torch.Tensor]) -> List[float]:
+        return [float(torch.sum(diff.double() * diff.double())) for diff in diffs]
+
+    def _squared_norm(self, diffs: Sequence[torch.Tensor]) -> float:
+        """The squared L2 norm of every learnable blob's diff together."""
+        return sum(self._squares(diffs))
+
     def _clip_gradients(self, diffs: Sequence[torch.Tensor]) -> None:
         threshold = self.param.clip_gradients
         if threshold < 0 or not diffs:
             return
-        norm = math.sqrt(sum(float(torch.sum(d.double() * d.double())) for d in diffs))
+        norm = math.sqrt(self._squared_norm(diffs))
         if norm > threshold:
             scale = threshold / norm
             logger.info("Gradient clipping: scaling down gradients (L2 norm %g > %g) by scale "
