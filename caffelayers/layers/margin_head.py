@@ -5,7 +5,8 @@ A head multiplies the (optionally normalized and scaled) features by the unit-le
 weights and replaces one logit per row, the label's, by a margin function of its cosine.
 The kernel does exactly that for any function ``f(cos)`` with its slope, so every kind runs
 the three matrix products of a linear layer plus per-row work, with no temporary of the
-logits' size besides the logits and their gradient.
+logits' size besides the logits and their gradient, nor of the weight's size besides its
+gradient (the logits are divided by the weight rows' lengths instead of a normalized copy).
 
 The margin functions (:func:`label_margin`) are shared with
 :func:`caffelayers.losses.sv_softmax.sv_softmax_loss`.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Callable, Union
+from typing import Callable, ClassVar, Union
 
 import torch
 from torch import nn
@@ -272,9 +273,9 @@ class MarginHead(CaffeLayer):
         - logits: :math:`(d_0, \ldots, d_{axis-1}, N)`.
 
     Attributes:
-        weight: the :math:`N \times K` class weights (Caffe's blob 0), normalized out of
-            place in every forward; the gradient is the true one, through the
-            normalizations of the weights and of the features.
+        weight: the :math:`N \times K` class weights (Caffe's blob 0), left as they are:
+            every forward divides the logits by their row lengths; the gradient is the
+            true one, through the normalizations of the weights and of the features.
 
     Example::
 
@@ -290,8 +291,8 @@ class MarginHead(CaffeLayer):
     and, for the margin, the label; one top.
     """
 
-    __constants__ = ["in_features", "num_classes", "kind", "s", "m", "easy_margin",
-                     "lambda_", "axis"]
+    __constants__: ClassVar[list[str]] = [
+        "in_features", "num_classes", "kind", "s", "m", "easy_margin", "lambda_", "axis"]
 
     def __init__(self, in_features: int, num_classes: int, kind: str = "arc",
                  s: float | None = None, m: Margin | None = None,

@@ -3,13 +3,15 @@
 Only the label column of each row carries the angular margin, so the forward and both
 backward modes run the three matrix products of a linear layer and then correct one entry
 per row (gather, per-row arithmetic, scatter): no temporary of the logits' size exists
-besides the logits and their gradient.
+besides the logits and their gradient. Nor of the weight's size besides its gradient: where
+the weight rows are normalized out of place, the logits are divided by the row lengths
+instead, and the backward passes work on the weight and ``1 / |w_j|`` block by block.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ BACKWARD_MODES = ("caffe", "exact")
 
 
 def margin_terms(cos: torch.Tensor, margin: int
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``psi(cos)``, its slope ``dpsi/dcos`` and ``psi - cos * slope``, elementwise.
 
     ``psi = (-1)^k cos(m theta) - 2k`` for ``theta`` in ``[k pi/m, (k+1) pi/m]``, written as
@@ -64,25 +66,12 @@ def _has_margin(margin) -> bool:
     return callable(margin) or margin > 1
 
 
-def _unit_rows(weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Write ``weight``'s rows scaled to unit length into ``out`` (which may be ``weight``
-    itself); return the inverse row lengths. Like Caffe, multiply by ``1 / |w|``."""
-    inverse_norm = torch.linalg.vector_norm(weight, dim=1).reciprocal_()
-    torch.mul(weight, inverse_norm.unsqueeze(1), out=out)
-    return inverse_norm
-
-
-def _unit_rows_and_inverse_norms(weight: torch.Tensor
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(w / |w|, 1 / |w|)`` row by row, out of place.
-
-    PyTorch's weight-norm kernel ``v g / |v|`` with ``g = 1``: one pass over the weight,
-    each row normalized while it is in cache, rows shared out among the threads in a single
-    parallel region (a norm then a product read the weight twice, in two regions).
-    """
-    weight = weight.contiguous()
-    unit, norms = torch._weight_norm_interface(weight, weight.new_ones(weight.shape[0], 1), 0)
-    return unit, norms.view(-1).reciprocal().to(weight.dtype)
+def _inverse_row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """``1 / |w_j|`` for every row, accumulated in at least float32 (for half and bfloat16
+    rows), returned in the weight's dtype: one read of the weight, no copy of it."""
+    accumulate = torch.promote_types(weight.dtype, torch.float32)
+    norms = torch.linalg.vector_norm(weight, dim=1, dtype=accumulate)
+    return norms.reciprocal_().to(weight.dtype)
 
 
 def through_row_normalization(grad: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor,
@@ -103,31 +92,89 @@ def through_row_normalization(grad: torch.Tensor, rows: torch.Tensor, norms: tor
     return grad_rows
 
 
-# On a CPU the three passes below are memory bound: run block by block, each block is read
-# from memory once and the other two passes find it in cache (1 MiB a thread measured best
-# on a 32 MiB-L3 EPYC at one thread: 2x faster than whole-matrix passes). In place, unlike
-# through_row_normalization: a new N x K tensor in every backward costs a page fault per
-# page where the C allocator hands its memory back to the system between steps.
+# On a CPU the passes below are memory bound: run block by block, each block is read from
+# memory once and the later passes find it in cache (1 MiB a thread measured best on a
+# 32 MiB-L3 EPYC at one thread: 2x faster than whole-matrix passes). Nothing here allocates
+# a temporary of the weight's size: a new N x K tensor in every step costs a page fault
+# per page where the C allocator hands its memory back to the system between steps.
 _CPU_BLOCK_BYTES = 1 << 20
+#: Elsewhere (a GPU) the blocks only bound the temporaries: 64 MiB.
+_DEVICE_BLOCK_BYTES = 1 << 26
+#: The fewest weight rows in one block of the data gradient's product: thinner products
+#: run the matrix multiply below its speed.
+_MIN_PRODUCT_ROWS = 256
 
 
-def _through_unit_rows_(grad: torch.Tensor, unit: torch.Tensor,
+def _block_bytes(tensor: torch.Tensor) -> int:
+    """The bytes of one block: on a CPU as many blocks (parallel regions) as one thread
+    would need, whatever the thread count."""
+    if tensor.device.type == "cpu":
+        return _CPU_BLOCK_BYTES * torch.get_num_threads()
+    return _DEVICE_BLOCK_BYTES
+
+
+def _row_step(matrix: torch.Tensor) -> int:
+    """How many rows of ``matrix`` make one block."""
+    return max(1, _block_bytes(matrix) // max(1, matrix.shape[1] * matrix.element_size()))
+
+
+def _normalized_logits(x: torch.Tensor, weight: torch.Tensor, in_place: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x_i . w_j / |w_j|`` (``M x K``, ``N x K`` -> ``M x N``) and ``1 / |w_j|``.
+
+    With ``in_place`` (Caffe's way) the weight rows themselves are scaled to unit length
+    (multiplied by ``1 / |w|``, as Caffe) and the inverse lengths are not returned (None);
+    otherwise the logits' columns are divided and the weight is left alone. Class block by
+    class block: a block of rows is normalized (or measured) and multiplied while it is in
+    cache, so the weight is read from memory once (measured: faster than one product with
+    all the classes at once).
+    """
+    classes = weight.shape[0]
+    logits = x.new_empty(x.shape[0], classes)
+    inverse_norm = None if in_place else weight.new_empty(classes)
+    step = _row_step(weight)
+    for start in range(0, classes, step):
+        rows, block = weight[start:start + step], logits[:, start:start + step]
+        if in_place:
+            rows.mul_(torch.linalg.vector_norm(rows, dim=1, keepdim=True).reciprocal_())
+            torch.mm(x, rows.t(), out=block)
+        else:
+            inverse = inverse_norm[start:start + step]
+            inverse.copy_(_inverse_row_norms(rows))
+            torch.mm(x, rows.t(), out=block)
+            block.mul_(inverse)
+    return logits, inverse_norm
+
+
+def _through_unit_rows_(grad: torch.Tensor, weight: torch.Tensor,
                         inverse_norm: torch.Tensor) -> torch.Tensor:
-    """Turn the gradient with respect to ``w / |w|`` into the gradient with respect to ``w``,
-    in place: remove each row's component along the unit row, divide by ``|w|``."""
-    rows = grad.shape[0]
-    step = rows
-    if grad.device.type == "cpu":
-        # a block per thread's share of the cache: as many blocks (parallel regions) as
-        # one thread would need, whatever the thread count
-        block = _CPU_BLOCK_BYTES * torch.get_num_threads()
-        step = max(1, block // max(1, grad.shape[1] * grad.element_size()))
-    for start in range(0, rows, step):
-        block, unit_block = grad[start:start + step], unit[start:start + step]
-        along = torch.linalg.vecdot(block, unit_block)
-        block.addcmul_(unit_block, along.neg_().unsqueeze(1))
-        block.mul_(inverse_norm[start:start + step].unsqueeze(1))
+    """Turn the gradient with respect to ``u = w / |w|`` into the gradient with respect to
+    ``w``, in place, block of rows by block: ``(g - u (g . u)) / |w|``, written with ``w``
+    and ``1 / |w|`` (``(g - w (g . w) / |w|^2) / |w|``) so that no unit copy of the weight
+    exists."""
+    step = _row_step(grad)
+    for start in range(0, grad.shape[0], step):
+        block, rows = grad[start:start + step], weight[start:start + step]
+        inverse = inverse_norm[start:start + step]
+        along = torch.linalg.vecdot(block, rows).mul_(inverse).mul_(inverse)
+        block.addcmul_(rows, along.neg_().unsqueeze(1))
+        block.mul_(inverse.unsqueeze(1))
     return grad
+
+
+def _product_with_unit_rows(grad: torch.Tensor, weight: torch.Tensor,
+                            inverse_norm: torch.Tensor) -> torch.Tensor:
+    """``grad @ (w / |w|)`` (``M x N`` by ``N x K``) with the normalized weight made one
+    block of rows at a time (about a cache share, at least :data:`_MIN_PRODUCT_ROWS`
+    rows), each block's product added into the ``M x K`` result: no ``N x K`` copy of the
+    weight, no scaled copy of ``grad`` (which is the caller's and is left as it is)."""
+    classes = weight.shape[0]
+    step = max(_MIN_PRODUCT_ROWS, _row_step(weight))
+    result = grad.new_zeros(grad.shape[0], weight.shape[1])
+    for start in range(0, classes, step):
+        unit = weight[start:start + step] * inverse_norm[start:start + step].unsqueeze(1)
+        result.addmm_(grad[:, start:start + step], unit)
+    return result
 
 
 class _MarginProduct(torch.autograd.Function):
@@ -136,19 +183,16 @@ class _MarginProduct(torch.autograd.Function):
     ``margin`` is A-Softmax's integer m (:func:`margin_terms`), or a callable with the same
     contract, ``cos -> (f, df/dcos, f - cos df/dcos)``, which puts another margin function
     on the label column (the heads of :mod:`caffelayers.layers.margin_head`).
-    ``prenormalized`` means the weight rows already have unit length (Caffe mode normalizes
-    the parameter in place before the call); otherwise they are normalized here, out of
-    place. ``exact`` (never with ``prenormalized``) picks the true derivative, through the
+    ``normalize_in_place`` (Caffe mode) scales the weight rows themselves to unit length;
+    otherwise the logits are divided by the row lengths column by column and the backward
+    carries ``1 / |w_j|`` along, so that no normalized copy of the weight is made. ``exact``
+    (never with ``normalize_in_place``) picks the true derivative, through the
     normalization; otherwise Caffe's trick gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, labels, margin, lambda_, exact, prenormalized):
-        if prenormalized:
-            unit_weight, inverse_weight_norm = weight, None
-        else:
-            unit_weight, inverse_weight_norm = _unit_rows_and_inverse_norms(weight)
-        logits = torch.mm(x, unit_weight.t())
+    def forward(ctx, x, weight, labels, margin, lambda_, exact, normalize_in_place):
+        logits, inverse_weight_norm = _normalized_logits(x, weight, normalize_in_place)
         x_norm = torch.linalg.vector_norm(x, dim=1)
         nonzero = x_norm > 0
         slope = radial = inverse_x_norm = None
@@ -157,12 +201,12 @@ class _MarginProduct(torch.autograd.Function):
             # A zero row gets cos = 0 instead of Caffe's NaN, hence a zero label logit.
             inverse_x_norm = torch.where(nonzero, x_norm, torch.ones_like(x_norm)).reciprocal_()
             column = labels.unsqueeze(1)
-            product = logits.gather(1, column).squeeze(1)              # x . w_y
+            product = logits.gather(1, column).squeeze(1)              # x . w_y / |w_y|
             cos = product * inverse_x_norm
             psi, slope, radial = margin(cos) if callable(margin) else margin_terms(cos, margin)
             label_logit = (x_norm * psi + lambda_ * product) * (1.0 / (1.0 + lambda_))
             logits.scatter_(1, column, label_logit.unsqueeze(1))
-        ctx.save_for_backward(x, unit_weight, labels, slope, radial, inverse_x_norm, nonzero,
+        ctx.save_for_backward(x, weight, labels, slope, radial, inverse_x_norm, nonzero,
                               inverse_weight_norm)
         ctx.has_margin, ctx.lambda_, ctx.exact = has_margin, lambda_, exact
         return logits
@@ -170,7 +214,7 @@ class _MarginProduct(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logits):
-        (x, unit_weight, labels, slope, radial, inverse_x_norm, nonzero,
+        (x, weight, labels, slope, radial, inverse_x_norm, nonzero,
          inverse_weight_norm) = ctx.saved_tensors
         has_margin, exact = ctx.has_margin, ctx.exact
         scale = 1.0 / (1.0 + ctx.lambda_)
@@ -178,32 +222,37 @@ class _MarginProduct(torch.autograd.Function):
         if has_margin:
             grad_label = grad_logits.gather(1, labels.unsqueeze(1)).squeeze(1) * scale
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(grad_logits, unit_weight)
+            if inverse_weight_norm is None:   # unit rows already
+                grad_x = torch.mm(grad_logits, weight)
+            else:
+                grad_x = _product_with_unit_rows(grad_logits, weight, inverse_weight_norm)
             if has_margin:
-                # The label logit's derivative is (coef_w * w_y + coef_x * x + lambda w_y) /
-                # (1 + lambda); the product above already added w_y for it.
+                # The label logit's derivative is (coef_w * u_y + coef_x * x + lambda u_y) /
+                # (1 + lambda), u_y = w_y / |w_y|; the product above already added u_y.
                 coef_w, coef_x = slope, radial * inverse_x_norm
                 if not exact:
                     # Caffe's trick: the two coefficients rescaled to unit length.
                     length = torch.hypot(coef_w, coef_x)
                     coef_w, coef_x = coef_w / length, coef_x / length
-                grad_x.addcmul_(unit_weight.index_select(0, labels),
-                                (grad_label * (coef_w - 1)).unsqueeze(1))
+                label_coef = grad_label * (coef_w - 1)
+                if inverse_weight_norm is not None:
+                    label_coef = label_coef * inverse_weight_norm.index_select(0, labels)
+                grad_x.addcmul_(weight.index_select(0, labels), label_coef.unsqueeze(1))
                 grad_x.addcmul_(x, (grad_label * coef_x).unsqueeze(1))
                 grad_x.mul_(nonzero.unsqueeze(1))
         if ctx.needs_input_grad[1]:
             # Caffe's weight gradient is top_diff^T x whatever the margin.
             grad_weight = torch.mm(grad_logits.t(), x)
-            if exact:
+            if exact:   # never with rows normalized in place: inverse_weight_norm is set
                 if has_margin:
                     grad_weight.index_add_(0, labels,
                                            x * (grad_label * (slope - 1)).unsqueeze(1))
-                _through_unit_rows_(grad_weight, unit_weight, inverse_weight_norm)
+                _through_unit_rows_(grad_weight, weight, inverse_weight_norm)
         return grad_x, grad_weight, None, None, None, None, None
 
 
 def margin_inner_product(x: torch.Tensor, weight: torch.Tensor,
-                         labels: Optional[torch.Tensor], margin: int = 4,
+                         labels: torch.Tensor | None, margin: int = 4,
                          lambda_: float = 0.0, backward: str = "exact") -> torch.Tensor:
     """Stateless A-Softmax logits: the weight rows are normalized out of place.
 
@@ -310,8 +359,9 @@ class MarginInnerProduct(CaffeLayer):
         ``state_dict``.
     """
 
-    __constants__ = ["in_features", "num_output", "margin", "base", "gamma", "power",
-                     "lambda_min", "axis", "backward"]
+    __constants__: ClassVar[list[str]] = [
+        "in_features", "num_output", "margin", "base", "gamma", "power", "lambda_min",
+        "axis", "backward"]
 
     def __init__(self, in_features: int, num_output: int, margin_type="QUADRUPLE",
                  base: float = 1.0, gamma: float = 0.0, power: float = 1.0,
@@ -359,7 +409,7 @@ class MarginInnerProduct(CaffeLayer):
 
     # -- building --------------------------------------------------------------------------
     @classmethod
-    def from_caffe(cls, param, bottom_shapes, ctx) -> "MarginInnerProduct":
+    def from_caffe(cls, param, bottom_shapes, ctx) -> MarginInnerProduct:
         p = param.margin_inner_product_param
         if len(bottom_shapes) != 2 or len(param.top) not in (1, 2):
             raise CaffeFormatError(
@@ -406,11 +456,11 @@ class MarginInnerProduct(CaffeLayer):
             value = real(self.base) * np.power(real(1) + real(self.gamma) * real(iteration),
                                                -real(self.power))
         # std::max(value, lambda_min) keeps value unless it is smaller (NaN is kept).
-        return float(real(self.lambda_min) if value < real(self.lambda_min) else value)
+        return float(max(value, real(self.lambda_min)))
 
     # -- the math --------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, label: Optional[torch.Tensor] = None,
-                margin: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None,
+                margin: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits and lambda (shape ``(1,)``).
 
         With ``margin=False`` the result is the m = 1 logits ``x . w_j / |w_j|`` (argmax
@@ -434,12 +484,9 @@ class MarginInnerProduct(CaffeLayer):
             with torch.no_grad():
                 self.iteration += 1
         lambda_ = self.lambda_at(int(self.iteration), x.dtype)
-        prenormalized = margin and self.backward == "caffe"
-        if prenormalized:
-            with torch.no_grad():
-                _unit_rows(self.weight, out=self.weight)
+        in_place = margin and self.backward == "caffe"
         logits = _MarginProduct.apply(flat, self.weight, labels, use_margin, lambda_,
-                                      self.backward == "exact", prenormalized)
+                                      self.backward == "exact", in_place)
         return logits.view(top_shape), x.new_full((1,), lambda_)
 
     # -- export ----------------------------------------------------------------------------
