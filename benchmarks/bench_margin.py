@@ -20,21 +20,20 @@ Goal (issue 18), wall clock, medians of interleaved rounds, at one thread and at
 caffe <= 1.05x, exact and the heads <= 1.10x the product.
 
 Peak extra memory is the highest allocation during one forward+backward minus the plain
-product's, in MiB and in units of one M x N and one N x K float tensor (the exact mode keeps
-the normalized weight, one N x K tensor, from forward to backward, and its backward holds
-the weight gradient before and after the normalization's correction at once: +2 N x K at
-the peak). On CUDA it comes from the caching allocator's statistics; on CPU from the
-profiler's allocation events; it is measured once per shape, at the first thread count.
+product's, in MiB and in units of one M x N and one N x K float tensor (no mode keeps a
+weight-sized temporary: the normalization is applied to blocks of classes while they are in
+cache, and the weight gradient is corrected in place). On CUDA it comes from the caching
+allocator's statistics; on CPU from the profiler's allocation events; it is measured once
+per shape, at the first thread count.
 
-Every step writes fresh tensors of the logits' and the weight's size (the logits, the
-weight gradient, and for exact and the heads the unit weight). Where glibc's allocator hands
-that memory back to the system between steps, each page is faulted in again in the next one
-(a 21 MiB weight is 5 000 pages; at N = 85742 a step takes over 100 000 faults), and which
-contender pays depends on the order of the frees: measured beside other work, exact at 256 x
-512 x 10572 took 1.35x the product with 2 N x K of faults a step and 1.04x without them.
-Run with ``MALLOC_TRIM_THRESHOLD_=4000000000 MALLOC_MMAP_THRESHOLD_=4000000000`` (glibc keeps
-freed memory) or ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's huge-page allocations) to time the
-work rather than the allocator.
+Every step writes fresh tensors of the logits' and the weight gradient's size, as the
+product does. Where glibc's allocator hands that memory back to the system between steps,
+each page is faulted in again in the next one (a 21 MiB weight is 5 000 pages; at N = 85742
+a step takes over 100 000 faults), whoever allocates it; a weight-sized temporary of ours
+once cost exact mode 1.35x instead of 1.04x that way, which is why there is none. Run with
+``MALLOC_TRIM_THRESHOLD_=4000000000 MALLOC_MMAP_THRESHOLD_=4000000000`` (glibc keeps freed
+memory) or ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's huge-page allocations) to time the work
+rather than the allocator.
 
 On a CPU shared with other busy processes, every parallel region of the intra-op thread
 pool can stall for a scheduler time slice, so multi-threaded wall times there say more
