@@ -143,6 +143,17 @@ def _better(value, index, other_value, other_index):
     return (other_value > value) | ((other_value == value) & (other_index < index))
 
 
+def _check_pooling(layer_type: str, sizes: dict, spatial_scale: float) -> None:
+    """The settings every ROI pooling shares: sizes of at least 1, a finite scale."""
+    if any(int(value) < 1 for value in sizes.values()):
+        raise UnsupportedParameterError(
+            f"{layer_type}: {' and '.join(sizes)} must be at least 1, got "
+            f"{' and '.join(str(value) for value in sizes.values())}")
+    if not math.isfinite(float(spatial_scale)):
+        raise UnsupportedParameterError(
+            f"{layer_type}: spatial_scale must be finite, got {spatial_scale}")
+
+
 @register_layer("ROIPooling")
 class ROIPooling(CaffeLayer):
     r"""Max pooling of each region of interest into a fixed ``pooled_h x pooled_w`` grid
@@ -184,13 +195,8 @@ class ROIPooling(CaffeLayer):
 
     def __init__(self, pooled_h: int, pooled_w: int, spatial_scale: float = 1.0):
         super().__init__()
-        if int(pooled_h) < 1 or int(pooled_w) < 1:
-            raise UnsupportedParameterError(
-                f"ROIPooling: pooled_h and pooled_w must be at least 1, got {pooled_h} x "
-                f"{pooled_w}")
-        if not math.isfinite(float(spatial_scale)):
-            raise UnsupportedParameterError(
-                f"ROIPooling: spatial_scale must be finite, got {spatial_scale}")
+        _check_pooling("ROIPooling", {"pooled_h": pooled_h, "pooled_w": pooled_w},
+                       spatial_scale)
         self.pooled_h = int(pooled_h)
         self.pooled_w = int(pooled_w)
         self.spatial_scale = float(spatial_scale)
@@ -360,13 +366,8 @@ class PSROIPooling(CaffeLayer):
 
     def __init__(self, spatial_scale: float, output_dim: int, group_size: int):
         super().__init__()
-        if int(output_dim) < 1 or int(group_size) < 1:
-            raise UnsupportedParameterError(
-                f"PSROIPooling: output_dim and group_size must be at least 1, got "
-                f"{output_dim} and {group_size}")
-        if not math.isfinite(float(spatial_scale)):
-            raise UnsupportedParameterError(
-                f"PSROIPooling: spatial_scale must be finite, got {spatial_scale}")
+        _check_pooling("PSROIPooling", {"output_dim": output_dim, "group_size": group_size},
+                       spatial_scale)
         self.spatial_scale = float(spatial_scale)
         self.output_dim = int(output_dim)
         self.group_size = int(group_size)
