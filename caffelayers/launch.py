@@ -151,6 +151,12 @@ def launch(args) -> int:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(error_file)
             codes = [int(path.read_text()) for path in Path(status_dir).glob("rank*")]
+            if len(codes) == world and not failure:
+                # Every rank finished and said how: a crash in an interpreter's teardown
+                # after that (gloo's threads can abort one: "terminate called without an
+                # active exception") does not undo the run.
+                status = next((code for code in codes if code not in (0, INTERRUPTED)),
+                              INTERRUPTED if INTERRUPTED in codes else 0)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
