@@ -173,7 +173,6 @@ class _Monitor:
         self._stop_due = False
         #: ``(iteration, (caffemodel, solverstate))`` of the last snapshot a signal asked for
         self.requested_snapshot: Optional[Tuple[int, Tuple[str, str]]] = None
-        self.images = 0
         self._margin = next((node.module for node in solver.net.graph.nodes
                              if node.type == "MarginInnerProduct"), None)
 
@@ -405,7 +404,8 @@ def train(solver, *, weights=None, snapshot=None, device: str = "cpu",
             ``None``.
         rank, world: this process among ``world`` in an initialized ``torch.distributed``
             group (see :func:`cmd_train`); only rank 0 tests, logs and snapshots.
-        progress: a :class:`ProgressBar` to update after every iteration and test pass.
+        progress: a :class:`ProgressBar` to update after every iteration and test pass (its
+            total becomes the solver's ``max_iter``).
         callbacks: extra ``on_gradients_ready`` callbacks ``f(solver)``.
         data_check: check every file-backed data layer's files and labels first (on rank
             0; see :mod:`caffelayers.data.precheck`).
@@ -438,6 +438,8 @@ def train(solver, *, weights=None, snapshot=None, device: str = "cpu",
         device = torch.device("cuda", torch.cuda.current_device())
     _log_devices(device, rank, world)
     param = solver if isinstance(solver, caffe_pb2.SolverParameter) else io.read_solver(solver)
+    if progress is not None:
+        progress.total = max(int(param.max_iter), 1)
     data_seed = _data_seed(param, seed, world, device)
     if param.random_seed < 0:
         torch.manual_seed(data_seed)
@@ -560,11 +562,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 def run_process(args, rank: int = 0, world: int = 1, seed: Optional[int] = None) -> int:
     """Process ``rank`` of a run: the log and progress of ``--log``, ``--quiet`` and
     ``--log-level`` (rank 0 alone prints), the data check unless ``--skip-data-check``."""
-    from .proto import io
-
     device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}" if args.device == "cuda" else "cpu"
-    max_iter = io.read_solver(args.solver).max_iter
-    with train_output(args, max_iter, rank) as bar:
+    with train_output(args, rank=rank) as bar:
         result = train(args.solver, weights=args.weights, snapshot=args.snapshot,
                        device=device, margin_backward=args.margin_backward,
                        loss_mode=args.loss_mode, workers=args.workers, seed=seed, rank=rank,
