@@ -42,15 +42,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from caffelayers.layers.sharded_head import ShardedMarginInnerProduct
+from timing import resident_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CLASSES = [round(10 ** (4 + i / 2)) for i in range(5)]      # 1e4, 10^4.5, ..., 1e6
-
-
-def _resident_bytes() -> int:
-    """The current resident set of this process, from /proc (Linux)."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _rank_main(rank: int, world: int, config: dict, store: str, out: str) -> None:
@@ -66,7 +61,7 @@ def _rank_main(rank: int, world: int, config: dict, store: str, out: str) -> Non
     try:
         classes, features, batch = config["classes"], config["features"], config["batch"]
         rows = batch // world
-        before_rss = _resident_bytes()
+        before_rss = resident_bytes()
         before_cuda = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         generator = torch.Generator(device=device).manual_seed(rank)
         head = ShardedMarginInnerProduct(features, classes, "QUADRUPLE", base=1000,

@@ -1,5 +1,5 @@
-"""What the micro-benchmarks share: device, thread counts and clock options, interleaved
-timing.
+"""What the benchmarks share: device, thread counts and clock options, interleaved timing,
+the resident set.
 
 Run the scripts as ``python benchmarks/NAME.py``; Python then finds this module beside them.
 """
@@ -86,3 +86,9 @@ def median_times(steps, repeat: int, device: torch.device, clock=time.perf_count
             if round_:
                 times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def resident_bytes() -> int:
+    """The current resident set of this process, from /proc (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -6,8 +6,9 @@ reading its logits are fused into a
 ``ShardedMarginHead``): rank r holds the weight rows of its classes ``[start_r, end_r)``
 (:func:`~caffelayers.layers.sharded_head.shard_range`), their gradient and their solver
 history, and no rank holds the ``M x N`` logits. The rest of the net (the trunk) stays
-data-parallel under ``DistributedDataParallel``. The test nets are not sharded: every rank
-still builds them with the full head weight (rank 0 alone runs them).
+data-parallel under ``DistributedDataParallel``. The test nets are not sharded: their head
+layer's weight is emptied after the split, and rank 0, which alone runs them, lends them the
+gathered weight during a test.
 
 What the nodes hold. The head node's first top no longer carries the ``M x N`` logits but
 the fused result, a vector ``[loss]`` (``[loss, accuracy]`` when Accuracy layers read the
@@ -31,22 +32,31 @@ two agree when every rank has as many valid labels.
 
 Snapshots, tests and resuming. Every rank holds its shard; before a test (``iter %
 test_interval == 0``) and a snapshot (``iter % snapshot == 0``, the end of the run, a
-signal) every rank gathers the shards (a collective, so the ranks above 0 keep the test and
-snapshot intervals that :func:`caffelayers.train.train` clears for them, and do nothing
-else): the test nets take the full weight, and rank 0 writes the standard caffemodel and
-``.solverstate`` (history of the full weight) that an unsharded run writes, which Caffe and
-the converters read. Resuming (``--snapshot``) and fine-tuning (``--weights``) load the full
-weights and history on every rank first; :meth:`ShardedHeadSolver.distribute` then keeps
-each rank's rows. So a sharded run resumes from an unsharded run's snapshot and the other
-way round.
+signal) the ranks send their shards to rank 0, each straight into its rows (a collective, so
+the ranks above 0 keep the test and snapshot intervals that :func:`caffelayers.train.train`
+clears for them, and do nothing else): rank 0 tests with the full weight and writes the
+standard caffemodel and ``.solverstate`` (history of the full weight) that an unsharded run
+writes, which Caffe and the converters read, and drops the full weight again. Resuming
+(``--snapshot``) and fine-tuning (``--weights``) load the full weights and history on every
+rank first, and the nets are built with the full head (its filler draws what an unsharded
+run draws); :meth:`ShardedHeadSolver.distribute` then keeps each rank's rows. So a sharded
+run resumes from an unsharded run's snapshot and the other way round, and from the first
+iteration on a rank above 0 holds ``1/P`` of the head, its gradient and its history.
+
+Class sampling (``--shard-sample-rate``): each step each rank uses the classes of its shard
+that the global batch's labels name plus random others, ``ceil(rate * N_r)`` rows (see
+:mod:`caffelayers.layers.sharded_head`); the other rows get a zero gradient, so the solver
+still applies weight decay and momentum to them (the solver steps the whole shard, as
+Caffe steps every blob). Rank r's sampling generator is seeded with the run's seed plus r; it is not
+in the ``.solverstate`` (as Caffe's data order is not), so a resumed run samples anew.
 
 Clipping (``clip_gradients``) takes the global L2 norm over the trunk's averaged gradients
 (equal on every rank) and every rank's shard (their squares summed over the ranks).
 
-Limits: every class is used at every step (the sharded heads' class sampling is not offered
-here); the gathers for tests and snapshots hold the full weight on every rank for a moment;
-the graph's shapes of the replaced tops are those of the fused values (``(1,)`` or ``(2,)``
-and ``()``).
+Limits: rank 0 holds the full weight (and, for a snapshot, its history) while it tests
+and snapshots, and every rank holds the full head while the nets are built, before the
+split; the graph's shapes of the replaced tops are those of the fused values (``(1,)`` or
+``(2,)`` and ``()``).
 """
 
 from __future__ import annotations
@@ -247,11 +257,13 @@ class _FusedPart(nn.Module):
         return f"{'loss' if self.index == 0 else 'accuracy'} of the sharded head"
 
 
-def _sharded_module(plan: HeadPlan, group, world: int) -> nn.Module:
+def _sharded_module(plan: HeadPlan, group, world: int, sample_rate: float,
+                    generator: torch.Generator | None) -> nn.Module:
     """The sharded head standing for ``plan``'s head and loss, with this rank's rows."""
     old, loss = plan.head.module, plan.loss.module
     settings = {"group": group, "normalization": loss.normalization,
-                "ignore_label": loss.ignore_label, "loss_mode": loss.mode}
+                "ignore_label": loss.ignore_label, "loss_mode": loss.mode,
+                "sample_rate": sample_rate, "generator": generator}
     # its own filler draws from the global generator: leave that to Dropout and the rest
     with torch.random.fork_rng(devices=[]):
         if plan.head.type == "MarginInnerProduct":
@@ -294,6 +306,13 @@ class ShardedHeadSolver(_DistributedSolver):
     ranks (see the module docstring). Built as :class:`~caffelayers.Solver` with full
     weights; :meth:`restore` before :meth:`distribute`, which shards the head.
 
+    Args:
+        sample_rate: the fraction of each shard's classes used per step (PartialFC's
+            class sampling; 1 uses every class).
+        sample_seed: seeds rank r's sampling generator with ``sample_seed + r`` (None: the
+            global generator's next draw).
+        (the rest: as :class:`~caffelayers.Solver`)
+
     Attributes:
         plan: the replaced nodes (:func:`find_sharded_head`, checked at construction).
         head: the sharded module after :meth:`distribute` (None before).
@@ -303,9 +322,11 @@ class ShardedHeadSolver(_DistributedSolver):
     every_rank_snapshots = True
     head = None
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, sample_rate: float = 1.0, sample_seed: int | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.plan = find_sharded_head(self.net)
+        self.sample_rate, self.sample_seed = sample_rate, sample_seed
         param = self.param
         # train() clears these on ranks above 0; they still take part in the gathers
         self._intervals = (param.test_interval, param.snapshot, param.snapshot_after_train)
@@ -320,7 +341,14 @@ class ShardedHeadSolver(_DistributedSolver):
         index = next(i for i, blob in enumerate(self.learnables) if blob.tensor is old_weight)
         count = len(self.learnables)
         # a group of its own: the head's collectives never interleave with DDP's buckets
-        self.head = _sharded_module(self.plan, dist.new_group(), world)
+        generator = None
+        if self.sample_rate < 1:
+            seed = (int(torch.randint(2 ** 62, ())) if self.sample_seed is None
+                    else self.sample_seed)
+            generator = torch.Generator(old_weight.device)
+            generator.manual_seed(seed + dist.get_rank())
+        self.head = _sharded_module(self.plan, dist.new_group(), world, self.sample_rate,
+                                    generator)
         _replace(self.net, self.plan.head, self.head)
         _replace(self.net, self.plan.loss, _FusedPart(self.plan.loss, 0))
         for node in self.plan.accuracies:
@@ -334,27 +362,52 @@ class ShardedHeadSolver(_DistributedSolver):
         names = [name for name, value in [*self.net.named_parameters(),
                                           *self.net.named_buffers()] if id(value) in mine]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.net, names)
+        self._test_heads = self._release_test_heads(old_weight.shape)
         super().distribute(device_ids)
         if self.head.rank == 0:
+            sampled = (f", {self.sample_rate:g} of each shard's classes sampled per step"
+                       if self.sample_rate < 1 else "")
             logger.info("Layer %r (%s): %d classes split over %d processes, rank 0 holds "
-                        "[%d, %d)", self.plan.head.name, self.plan.head.type,
-                        self.head.num_classes, world, self.head.start, self.head.end)
+                        "[%d, %d)%s", self.plan.head.name, self.plan.head.type,
+                        self.head.num_classes, world, self.head.start, self.head.end, sampled)
+
+    def _release_test_heads(self, shape) -> list[torch.Tensor]:
+        """The head's weight in the test nets (the layers of its name), emptied: rank 0
+        lends them the gathered weight while it tests, the other ranks never test. So no
+        rank keeps a full copy of the head between tests."""
+        blobs = []
+        for net in self.test_nets:
+            for node in net.graph.nodes:
+                if node.name != self.plan.head.name or node.module is None:
+                    continue
+                weight = node.module.caffe_blobs()[0]
+                if tuple(weight.shape) == tuple(shape):
+                    weight.data = weight.new_empty((0, shape[1]))
+                    blobs.append(weight)
+        return blobs
 
     # -- the full weight, gathered -------------------------------------------------------------
     @contextlib.contextmanager
     def _gathered(self, history: bool):
-        """While the block runs, the head's blob is the full weight (and, with ``history``,
-        :attr:`history` holds the full rows): a collective, on every rank."""
+        """While the block runs, on rank 0, the head's blob and the test nets' head are the
+        full weight (and, with ``history``, :attr:`history` holds the full rows); the other
+        ranks send their shards (a collective, on every rank) and keep them."""
         head = self.head
         saved = list(self.history)
-        head.full_weight = gather_shards(head.weight, head.num_classes, head.group)
+        head.full_weight = gather_shards(head.weight, head.num_classes, head.group, dst=0)
         try:
             if history:
                 for slot in self._history_slots:
-                    self.history[slot] = gather_shards(saved[slot], head.num_classes,
-                                                       head.group)
+                    gathered = gather_shards(saved[slot], head.num_classes, head.group, dst=0)
+                    if gathered is not None:
+                        self.history[slot] = gathered
+            if head.full_weight is not None:
+                for weight in self._test_heads:
+                    weight.data = head.full_weight
             yield
         finally:
+            for weight in self._test_heads:
+                weight.data = weight.new_empty((0, weight.shape[1]))
             head.full_weight = None
             self.history[:] = saved
 

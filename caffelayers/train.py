@@ -384,7 +384,7 @@ def train(solver, *, weights=None, snapshot=None, device: str = "cpu",
           callbacks: Sequence = (), data_check: bool = True, stages: Sequence[str] = (),
           level: Optional[int] = None,
           signal_effects: Optional[Mapping[int, str]] = None,
-          shard_head: bool = False) -> TrainResult:
+          shard_head: bool = False, shard_sample_rate: float = 1.0) -> TrainResult:
     """Train a ``solver.prototxt`` to ``max_iter``, reading its data layers.
 
     Args:
@@ -416,6 +416,9 @@ def train(solver, *, weights=None, snapshot=None, device: str = "cpu",
             thread.
         shard_head: split the train net's margin head by class over the ``world`` ranks
             (:class:`~caffelayers.shard_training.ShardedHeadSolver`; ``world`` >= 2).
+        shard_sample_rate: with ``shard_head``, the fraction of each shard's classes used
+            per step (PartialFC's class sampling, in ``(0, 1]``; 1 uses them all), drawn
+            from the data seed plus the rank.
 
     Returns:
         a :class:`TrainResult`. A stop signal ends the run at an iteration boundary with
@@ -450,13 +453,18 @@ def train(solver, *, weights=None, snapshot=None, device: str = "cpu",
         for name in _weight_files(param, weights):
             logger.info("Finetuning from %s", name)
     solver_class = _DistributedSolver if world > 1 else Solver
+    options = {}
     if shard_head:
         from .shard_training import sharded_solver_class
 
         solver_class = sharded_solver_class(world)
+        options = {"sample_rate": shard_sample_rate, "sample_seed": data_seed}
+    elif shard_sample_rate != 1:
+        raise CaffeLayersError("a class sampling rate applies to a sharded head: give "
+                               "--shard-head with it")
     state = None if level is None and not stages else (level or 0, list(stages))
     solver = solver_class(solver, weights, device=device, margin_backward=margin_backward,
-                          loss_mode=loss_mode, train_state=state)
+                          loss_mode=loss_mode, train_state=state, **options)
     if rank > 0:
         # Caffe's root solver alone tests and snapshots.
         solver.param.test_interval = 0
@@ -546,6 +554,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--shard-head", action="store_true",
                         help="with --nproc 2 or more: split the margin head's classes (and "
                              "its softmax loss) over the processes; snapshots stay standard")
+    parser.add_argument("--shard-sample-rate", type=_sample_rate, default=1.0, metavar="RATE",
+                        help="with --shard-head: use this fraction of each process's classes "
+                             "per step, those of the batch's labels always among them "
+                             "(PartialFC's class sampling; default 1, every class)")
     parser.add_argument("--sigint-effect", choices=launcher.EFFECTS, default="stop",
                         help="what SIGINT (Ctrl-C) does: stop after the iteration (with "
                              "the snapshot of snapshot_after_train), snapshot and go on, or "
@@ -580,11 +592,26 @@ def run_process(args, rank: int = 0, world: int = 1, seed: Optional[int] = None)
 def _train_options(args) -> dict:
     """What the command line adds to :func:`train`: the net state and the signals."""
     return {"stages": args.stage, "level": args.level,
-            "signal_effects": launcher.signal_effects(args), "shard_head": args.shard_head}
+            "signal_effects": launcher.signal_effects(args), "shard_head": args.shard_head,
+            "shard_sample_rate": args.shard_sample_rate}
+
+
+def _sample_rate(text: str) -> float:
+    """``--shard-sample-rate``: a number in ``(0, 1]``."""
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = math.nan
+    if not 0 < rate <= 1:
+        raise argparse.ArgumentTypeError(f"a class sampling rate lies in (0, 1], got {text!r}")
+    return rate
 
 
 def cmd_train(args) -> int:
     """The ``train`` command: one process, ``--nproc`` ranks, or one rank of ``torchrun``."""
+    if args.shard_sample_rate != 1 and not args.shard_head:
+        raise CaffeLayersError("--shard-sample-rate samples the classes of a sharded head: "
+                               "give --shard-head with it")
     status = launcher.torchrun_rank(args)
     if status is not None:
         return status

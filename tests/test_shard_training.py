@@ -212,6 +212,15 @@ ARC_HEAD = (
     'scale: 8 margin: 0.3 }} }}\n')
 
 
+def _full_head_tensors(solver) -> int:
+    """How many tensors of the head's full size the solver keeps between steps: in the
+    nets' parameters and buffers (train and test) and in the history."""
+    tensors = [*solver.history]
+    for net in [solver.net, *solver.test_nets]:
+        tensors += [*net.parameters(), *net.buffers()]
+    return sum(tuple(tensor.shape) == (CLASSES, 5) for tensor in tensors)
+
+
 def _rank_main(rank: int, world: int, store: str, folder: str) -> None:
     """Rank ``rank``: a sharded run that SIGHUP snapshots at iteration 3 and SIGINT stops at
     5 (each signal on one rank only: the ranks agree on it at the next iteration, 4, and act
@@ -230,7 +239,8 @@ def _rank_main(rank: int, world: int, store: str, folder: str) -> None:
     try:
         options = {"rank": rank, "world": world, "workers": 0, "data_check": False}
         result = train("signals.prototxt", shard_head=True, callbacks=[signal_at], **options)
-        outcome = [result.interrupted, result.solver.iter, result.snapshot]
+        outcome = [result.interrupted, result.solver.iter, result.snapshot,
+                   _full_head_tensors(result.solver)]
         for name, start in (("own", "sharded"), ("plain", "two")):
             train(f"{name}.prototxt", shard_head=True,
                   snapshot=f"snap/{start}_iter_3.solverstate", **options)
@@ -239,6 +249,8 @@ def _rank_main(rank: int, world: int, store: str, folder: str) -> None:
         for name, shard in (("tuned_plain", False), ("tuned_sharded", True)):
             train(f"{name}.prototxt", shard_head=shard, weights="snap/two_iter_6.caffemodel",
                   **options)
+        for name in ("sampled_a", "sampled_b"):
+            train(f"{name}.prototxt", shard_head=True, shard_sample_rate=0.5, **options)
         Path(f"rank{rank}.json").write_text(json.dumps(outcome))
     finally:
         dist.destroy_process_group()
@@ -248,7 +260,7 @@ def _rank_main(rank: int, world: int, store: str, folder: str) -> None:
 def spawned(runs):
     """The runs of :func:`_rank_main` in the runs' folder."""
     write_solver(runs, "signals", 4, snapshot=0)
-    for name in ("own", "plain", "tuned_plain", "tuned_sharded"):
+    for name in ("own", "plain", "tuned_plain", "tuned_sharded", "sampled_a", "sampled_b"):
         write_solver(runs, name, 4)
     arc = NET.split('layer {{ name: "fc6" type: "MarginInnerProduct"')[0] + ARC_HEAD + \
         NET.split("lambda_min: 1 weight_filler {{ type: \"xavier\" }} }} }}\n")[1]
@@ -264,7 +276,8 @@ def spawned(runs):
 def test_signals_snapshot_collectively(spawned):
     ranks = [json.loads((spawned / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     paths = ["snap/signals_iter_5.caffemodel", "snap/signals_iter_5.solverstate"]
-    assert ranks == [[True, 5, paths], [True, 5, None]]   # rank 0 alone writes
+    # rank 0 alone writes; no rank keeps the full head (the test net's is lent at a test)
+    assert ranks == [[True, 5, paths, 0], [True, 5, None, 0]]
     # the snapshot SIGHUP asked for holds the state of the scheduled one at iteration 3
     assert_same_blobs(blobs(spawned / "snap/signals_iter_3.caffemodel"),
                       blobs(spawned / "snap/sharded_iter_3.caffemodel"), 1e-6, 1e-7)
@@ -289,6 +302,15 @@ def test_fine_tuning_shards_the_loaded_weights(spawned):
                            ["fc6"][0], atol=1e-3)   # it started from the loaded weights
 
 
+def test_class_sampling_trains_repeatably_and_differs_from_every_class(spawned):
+    first = blobs(spawned / "snap/sampled_a_iter_6.caffemodel")
+    assert_same_blobs(first, blobs(spawned / "snap/sampled_b_iter_6.caffemodel"), 0, 0)
+    every = blobs(spawned / "snap/sharded_iter_6.caffemodel")
+    assert not np.allclose(first["fc6"][0], every["fc6"][0], atol=1e-4)
+    assert not np.allclose(first["fc6"][0], blobs(spawned / "snap/sampled_a_iter_3.caffemodel")
+                           ["fc6"][0], atol=1e-3)   # it learned
+
+
 # -- errors --------------------------------------------------------------------------------------
 
 def test_shard_head_needs_two_processes(tmp_path, monkeypatch):
@@ -296,6 +318,19 @@ def test_shard_head_needs_two_processes(tmp_path, monkeypatch):
     write_data(tmp_path)
     with pytest.raises(CaffeLayersError, match=r"--shard-head .* needs --nproc 2 or more"):
         run_cli(write_solver(tmp_path, "one", 8), "--shard-head", "--workers", "0")
+
+
+def test_the_class_sampling_rate_is_checked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    solver = write_solver(tmp_path, "one", 8)
+    with pytest.raises(CaffeLayersError, match="give --shard-head with it"):
+        run_cli(solver, "--shard-sample-rate", "0.5", "--nproc", "2")
+    for rate in ("0", "1.5", "nan", "half"):
+        with pytest.raises(SystemExit):
+            run_cli(solver, "--shard-head", "--nproc", "2", "--shard-sample-rate", rate)
+        assert f"a class sampling rate lies in (0, 1], got '{rate}'" in capsys.readouterr().err
+    with pytest.raises(CaffeLayersError, match="give --shard-head with it"):
+        train(solver, shard_sample_rate=0.5)
 
 
 def _net(tmp_path, text: str) -> Net:

@@ -84,13 +84,36 @@ def _group_size(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def gather_shards(weight_shard: torch.Tensor, num_classes: int, group=None) -> torch.Tensor:
-    """The full ``N x K`` weight on every rank, from each rank's shard (for a snapshot)."""
+def gather_shards(weight_shard: torch.Tensor, num_classes: int, group=None,
+                  dst: int | None = None) -> torch.Tensor | None:
+    """The full ``N x K`` weight from each rank's shard (a collective: every rank calls it).
+
+    With ``dst`` None every rank gets the full weight (``all_gather``); with ``dst`` a rank
+    of ``group``, that rank alone gets it and the others return None: each sends its rows
+    straight into their place, so the full weight exists once, on ``dst`` (a snapshot on
+    rank 0 holds no second copy, and the other ranks never hold more than their shard).
+    """
     rank, world = _group_size(group)
     start, end = shard_range(num_classes, world, rank)
     if weight_shard.dim() != 2 or weight_shard.shape[0] != end - start:
         raise ShapeError("gather_shards", "sharded head", [tuple(weight_shard.shape)],
                          f"rank {rank}'s shard of {num_classes} classes: {end - start} rows")
+    if dst is not None:
+        if not 0 <= dst < world:
+            raise UnsupportedParameterError(f"gather_shards: dst {dst} is not a rank of the "
+                                            f"group of {world}")
+        if rank != dst:
+            dist.send(weight_shard.detach().contiguous(), _global_rank(group, dst),
+                      group=group)
+            return None
+        full = weight_shard.new_empty((num_classes, weight_shard.shape[1]))
+        for other in range(world):
+            first, last = shard_range(num_classes, world, other)
+            if other == rank:
+                full[first:last] = weight_shard.detach()
+            else:
+                dist.recv(full[first:last], _global_rank(group, other), group=group)
+        return full
     # all_gather wants equal sizes: pad every shard to the largest (rank 0's)
     rows = shard_range(num_classes, world, 0)[1]
     padded = weight_shard.new_zeros((rows, weight_shard.shape[1]))
@@ -99,6 +122,11 @@ def gather_shards(weight_shard: torch.Tensor, num_classes: int, group=None) -> t
     dist.all_gather(parts, padded, group=group)
     sizes = [shard_range(num_classes, world, r) for r in range(world)]
     return torch.cat([part[:e - s] for part, (s, e) in zip(parts, sizes)])
+
+
+def _global_rank(group, rank: int) -> int:
+    """The global rank of ``group``'s rank ``rank`` (what send and recv address)."""
+    return rank if group is None else dist.get_global_rank(group, rank)
 
 
 # -- collectives with a gradient ---------------------------------------------------------------

@@ -125,6 +125,13 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
                     head.weight -= LR * head.weight.grad
             results[case["name"]] = records
         results["errors"] = _bad_input_errors(rank)
+        results["gathered_to"] = [gather_shards(take_shard(weight, rank, world), N, dst=dst)
+                                  for dst in range(world)]
+        # a group without global rank 0: its rank g is global rank g + 1
+        others = dist.new_group(list(range(1, world)))
+        if rank > 0:
+            results["gathered_in_group"] = gather_shards(
+                take_shard(weight, rank - 1, world - 1), N, others, dst=0)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -264,3 +271,20 @@ def test_bad_input_raises_on_every_rank(sharded_run):
         labels, rows = rank["errors"]
         assert f"labels must lie in [0, {N}), got [{N}]" in labels
         assert f"the same number of rows on every rank, got {[M - r for r in range(world)]}" in rows
+
+
+def test_gather_to_one_rank(sharded_run):
+    """``gather_shards(dst=r)``: rank r alone receives the full weight, in a subgroup too."""
+    world, ranks = sharded_run
+    weight, _ = _data(world)
+    for rank, result in enumerate(ranks):
+        for dst, gathered in enumerate(result["gathered_to"]):
+            if rank == dst:
+                assert torch.equal(gathered, weight)
+            else:
+                assert gathered is None
+        # rank 0 of the group of the others is global rank 1
+        if rank == 1:
+            assert torch.equal(result["gathered_in_group"], weight)
+        elif rank > 1:
+            assert result["gathered_in_group"] is None
