@@ -7,6 +7,7 @@ Run the scripts as ``python benchmarks/NAME.py``; Python then finds this module 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -66,25 +67,36 @@ def apply_options(parser: argparse.ArgumentParser, args):
     return device, (time.process_time if args.clock == "cpu" else time.perf_counter), threads
 
 
-def median_times(steps, repeat: int, device: torch.device, clock=time.perf_counter):
+def median_times(steps, repeat: int, device: torch.device, clock=time.perf_counter,
+                 min_sample: float = 0.0):
     """Median seconds of each step over ``repeat`` rounds, after a warm-up round.
 
     The steps take turns within every round, so that a load change on the machine hits all
-    of them alike instead of skewing one ratio.
+    of them alike instead of skewing one ratio. A step faster than ``min_sample`` seconds
+    (in the warm-up) runs often enough per round to last about that long, and its sample is
+    the mean of those calls: one call of a few milliseconds is at the mercy of a single
+    page fault or preemption.
     """
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    times = {name: [] for name in steps}
-    for round_ in range(repeat + 1):
-        for name, step in steps.items():
-            sync()
-            start = clock()
+    def timed(step, calls: int) -> float:
+        sync()
+        start = clock()
+        for _ in range(calls):
             step()
-            sync()
-            if round_:
-                times[name].append(clock() - start)
+        sync()
+        return (clock() - start) / calls
+
+    calls = {name: 1 for name in steps}
+    times = {name: [] for name in steps}
+    for name, step in steps.items():
+        warm = timed(step, 1)
+        calls[name] = max(1, math.ceil(min_sample / warm)) if warm > 0 else 1
+    for _ in range(repeat):
+        for name, step in steps.items():
+            times[name].append(timed(step, calls[name]))
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -162,6 +162,11 @@ class _SoftmaxInfogain(torch.autograd.Function):
     ``max(log_softmax, log(floor))``. In both modes the logits' gradient is
     ``(p * rowsum(H)[label] - H[label, :]) * grad / normalizer`` with the unfloored ``p``:
     Caffe's formula, and the true derivative of the exact loss.
+
+    On the CPU the first backward writes the logits' gradient over the forward's gathered
+    label rows instead of a new ``N x C`` tensor, which would cost more than the arithmetic
+    (the system hands it out as fresh pages to fault in); a later backward of the same
+    forward (``retain_graph``, gradcheck) gathers the rows again.
     """
 
     @staticmethod
@@ -187,13 +192,19 @@ class _SoftmaxInfogain(torch.autograd.Function):
                 low = log_prob < log_floor
                 total = total + torch.dot(rows[low], log_floor - log_prob[low])
         ctx.log_floor, ctx.norm = log_floor, norm
-        ctx.save_for_backward(log_prob, rows, H, labels, keep)
+        # an intermediate the first backward consumes: kept on ctx, not saved (saving would
+        # forbid writing over it)
+        ctx.rows = rows
+        ctx.save_for_backward(log_prob, H, labels, keep)
         return (0.0 - total) / norm  # +0, not -0, when nothing counts
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        log_prob, rows, H, labels, keep = ctx.saved_tensors
+        log_prob, H, labels, keep = ctx.saved_tensors
+        rows, ctx.rows = ctx.rows, None
+        if rows is None and H is not None:   # a second backward of one forward
+            rows = _label_rows(H, labels, keep)
         scale = grad_loss / ctx.norm
         grad_logits = grad_H = None
         if ctx.needs_input_grad[0] and H is None:
@@ -204,8 +215,12 @@ class _SoftmaxInfogain(torch.autograd.Function):
             grad_logits.scatter_add_(1, labels.unsqueeze(1), -weight)
         elif ctx.needs_input_grad[0]:
             # PyTorch's fused log-softmax backward gives rows - p * rows.sum(1), where
-            # rows.sum(1) = rowsum(H)[label] (0 at ignored positions): one pass, one tensor
-            grad_logits = torch._log_softmax_backward_data(rows, log_prob, 1, log_prob.dtype)
+            # rows.sum(1) = rowsum(H)[label] (0 at ignored positions): one pass. On the CPU
+            # it is written over rows (its kernel sums a row before it writes the row; the
+            # Caffe fixtures check it), elsewhere into a new tensor
+            out = rows if rows.device.type == "cpu" else torch.empty_like(rows)
+            grad_logits = torch._log_softmax_backward_data(rows, log_prob, 1, log_prob.dtype,
+                                                           out=out)
             grad_logits.mul_(-scale)
         if H is not None and ctx.needs_input_grad[1]:
             # dL/dH[k, :] = -scale * (sum of log p over the kept positions labelled k)

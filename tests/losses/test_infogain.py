@@ -428,3 +428,26 @@ def test_legacy_gradcheck_and_layer(tmp_path):
         layer.output_shapes([(H, C), (H,), (4, 4)])
     with pytest.raises(ShapeError, match="'old'.*7 labels"):
         layer.output_shapes([(H, C), (H, 2)])
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (2, 5, 3)])
+def test_a_second_backward_of_one_forward_gives_the_same_gradient(shape):
+    """The first backward writes the gradient over the forward's gathered rows; a second one
+    (retain_graph) must gather them again, not read the gradient as rows."""
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(5, (shape[0],) + shape[2:], generator=generator)
+    H = torch.rand(5, 5, generator=generator, dtype=torch.float64)
+    loss = softmax_infogain_loss(logits, labels, H, ignore_label=1)
+    first, = torch.autograd.grad(loss, logits, retain_graph=True)
+    second, = torch.autograd.grad(loss, logits)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    fresh, = torch.autograd.grad(softmax_infogain_loss(logits, labels, H, ignore_label=1),
+                                 logits)
+    torch.testing.assert_close(first, fresh, rtol=0, atol=0)
+    # against autograd through the plain formula (class axis 1, VALID normalization)
+    log_prob = torch.log_softmax(logits, dim=1).movedim(1, -1)
+    kept = labels != 1
+    plain = -(H[labels] * log_prob)[kept].sum() / kept.sum()
+    reference, = torch.autograd.grad(plain, logits)
+    torch.testing.assert_close(first, reference, rtol=1e-12, atol=1e-12)
