@@ -300,9 +300,10 @@ class _DistributedSolver(Solver):
 
         # Every parameter is broadcast from rank 0 here, as Caffe's root solver does. The
         # search for parameters without gradients costs a graph walk per pass (and a warning
-        # line in the log), so it is asked for only when the net has such parameters.
+        # line in the log), so it is asked for only when the net has such parameters. The
+        # gradients are views of DDP's buckets: no second copy of them.
         self.ddp = DistributedDataParallel(
-            self.net, device_ids=device_ids,
+            self.net, device_ids=device_ids, gradient_as_bucket_view=True,
             find_unused_parameters=bool(_layers_off_the_loss(self.net.graph)))
 
     def _forward_backward(self) -> float:
