@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import socket
@@ -260,6 +261,9 @@ def _run_rank(args, rank: int, world: int) -> int:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         # After a failure or an abort the others may be gone: leaving the group would wait.
         if clean:
+            # the solver's DDP holds the group through reference cycles: free it now, not in
+            # the interpreter's teardown, where gloo's threads can abort the process
+            gc.collect()
             dist.destroy_process_group()
     return code
 
