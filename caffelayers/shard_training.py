@@ -47,8 +47,9 @@ Class sampling (``--shard-sample-rate``): each step each rank uses the classes o
 that the global batch's labels name plus random others, ``ceil(rate * N_r)`` rows (see
 :mod:`caffelayers.layers.sharded_head`); the other rows get a zero gradient, so the solver
 still applies weight decay and momentum to them (the solver steps the whole shard, as
-Caffe steps every blob). Rank r's sampling generator is seeded with the run's seed plus r; it is not
-in the ``.solverstate`` (as Caffe's data order is not), so a resumed run samples anew.
+Caffe steps every blob). Rank r's sampling generator is seeded with the run's seed plus r;
+it is not in the ``.solverstate`` (as Caffe's data order is not), so a resumed run samples
+anew.
 
 Clipping (``clip_gradients``) takes the global L2 norm over the trunk's averaged gradients
 (equal on every rank) and every rank's shard (their squares summed over the ranks).
