@@ -89,11 +89,11 @@ def median_times(steps, repeat: int, device: torch.device, clock=time.perf_count
         sync()
         return (clock() - start) / calls
 
-    calls = {name: 1 for name in steps}
-    times = {name: [] for name in steps}
+    calls = {}
     for name, step in steps.items():
         warm = timed(step, 1)
         calls[name] = max(1, math.ceil(min_sample / warm)) if warm > 0 else 1
+    times = {name: [] for name in steps}
     for _ in range(repeat):
         for name, step in steps.items():
             times[name].append(timed(step, calls[name]))
