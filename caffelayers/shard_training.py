@@ -311,7 +311,7 @@ class ShardedHeadSolver(_DistributedSolver):
         sample_rate: the fraction of each shard's classes used per step (PartialFC's
             class sampling; 1 uses every class).
         sample_seed: seeds rank r's sampling generator with ``sample_seed + r`` (None: the
-            global generator's next draw).
+            sampling draws from the global generator).
         (the rest: as :class:`~caffelayers.Solver`)
 
     Attributes:
@@ -343,11 +343,9 @@ class ShardedHeadSolver(_DistributedSolver):
         count = len(self.learnables)
         # a group of its own: the head's collectives never interleave with DDP's buckets
         generator = None
-        if self.sample_rate < 1:
-            seed = (int(torch.randint(2 ** 62, ())) if self.sample_seed is None
-                    else self.sample_seed)
+        if self.sample_rate < 1 and self.sample_seed is not None:
             generator = torch.Generator(old_weight.device)
-            generator.manual_seed(seed + dist.get_rank())
+            generator.manual_seed(self.sample_seed + dist.get_rank())
         self.head = _sharded_module(self.plan, dist.new_group(), world, self.sample_rate,
                                     generator)
         _replace(self.net, self.plan.head, self.head)
@@ -363,7 +361,8 @@ class ShardedHeadSolver(_DistributedSolver):
         names = [name for name, value in [*self.net.named_parameters(),
                                           *self.net.named_buffers()] if id(value) in mine]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.net, names)
-        self._test_heads = self._release_test_heads(old_weight.shape)
+        self._test_heads = self._test_head_weights(old_weight.shape)
+        self._empty_test_heads()
         super().distribute(device_ids)
         if self.head.rank == 0:
             sampled = (f", {self.sample_rate:g} of each shard's classes sampled per step"
@@ -372,20 +371,18 @@ class ShardedHeadSolver(_DistributedSolver):
                         "[%d, %d)%s", self.plan.head.name, self.plan.head.type,
                         self.head.num_classes, world, self.head.start, self.head.end, sampled)
 
-    def _release_test_heads(self, shape) -> list[torch.Tensor]:
-        """The head's weight in the test nets (the layers of its name), emptied: rank 0
-        lends them the gathered weight while it tests, the other ranks never test. So no
-        rank keeps a full copy of the head between tests."""
-        blobs = []
-        for net in self.test_nets:
-            for node in net.graph.nodes:
-                if node.name != self.plan.head.name or node.module is None:
-                    continue
-                weight = node.module.caffe_blobs()[0]
-                if tuple(weight.shape) == tuple(shape):
-                    weight.data = weight.new_empty((0, shape[1]))
-                    blobs.append(weight)
-        return blobs
+    def _test_head_weights(self, shape) -> list[torch.Tensor]:
+        """The head's weight in the test nets (the layers of its name and shape)."""
+        blobs = [node.module.caffe_blobs() for net in self.test_nets
+                 for node in net.graph.nodes
+                 if node.name == self.plan.head.name and node.module is not None]
+        return [found[0] for found in blobs if found and tuple(found[0].shape) == tuple(shape)]
+
+    def _empty_test_heads(self) -> None:
+        """Between tests the test nets' head holds nothing: rank 0 lends it the gathered
+        weight while it tests, the other ranks never test. So no rank keeps a full copy."""
+        for weight in self._test_heads:
+            weight.data = weight.new_empty((0, weight.shape[1]))
 
     # -- the full weight, gathered -------------------------------------------------------------
     @contextlib.contextmanager
@@ -407,8 +404,7 @@ class ShardedHeadSolver(_DistributedSolver):
                     weight.data = head.full_weight
             yield
         finally:
-            for weight in self._test_heads:
-                weight.data = weight.new_empty((0, weight.shape[1]))
+            self._empty_test_heads()
             head.full_weight = None
             self.history[:] = saved
 

@@ -38,17 +38,15 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..errors import CaffeLayersError, LabelError, ShapeError, UnsupportedParameterError
-from ..losses.common import NORMALIZATIONS, normalizer
+from ..losses.common import FLT_MIN, LOSS_MODES, NORMALIZATIONS, normalizer
 from .base import as_labels
-from .margin_head import MarginHead, label_margin
-from .margin_inner_product import MarginInnerProduct, margin_terms
+from .margin_head import MarginHead, _ScaledUnitRows, label_margin
+from .margin_inner_product import (MarginInnerProduct, _normalized_logits,
+                                   _product_with_unit_rows, _through_unit_rows_, margin_terms)
 
 __all__ = ["ShardedLoss", "ShardedMarginHead", "ShardedMarginInnerProduct", "gather_shards",
            "shard_range", "take_shard"]
 
-#: C's ``FLT_MIN``: Caffe's SoftmaxWithLoss takes ``log(max(p, FLT_MIN))`` ("caffe" mode).
-_LOG_FLT_MIN = math.log(torch.finfo(torch.float32).tiny)
-LOSS_MODES = ("exact", "caffe")
 
 
 # -- the split -------------------------------------------------------------------------------
@@ -150,34 +148,6 @@ class _GatherRows(torch.autograd.Function):
         return total[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None, None, None
 
 
-class _ScaledUnitRows(torch.autograd.Function):
-    """``s x / |x|`` row by row (a zero row stays zero, with a zero gradient), with the
-    projected gradient ``s (g - (g . u) u) / |x|``: MarginHead's feature normalization."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        inverse_norm = torch.linalg.vector_norm(x, dim=1).reciprocal_()
-        inverse_norm.masked_fill_(torch.isinf(inverse_norm), 0.0)
-        unit = x * inverse_norm.unsqueeze(1)
-        ctx.save_for_backward(unit, inverse_norm)
-        ctx.scale = scale
-        return unit * scale
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        unit, inverse_norm = ctx.saved_tensors
-        return _through_unit_rows(grad * ctx.scale, unit, inverse_norm), None
-
-
-def _through_unit_rows(grad, unit, inverse_norm):
-    """The gradient with respect to ``v / |v|`` turned into that with respect to ``v``:
-    ``(g - (g . u) u) / |v|``, in place."""
-    along = torch.linalg.vecdot(grad, unit)
-    grad.addcmul_(unit, along.neg_().unsqueeze(1))
-    return grad.mul_(inverse_norm.unsqueeze(1))
-
-
 # -- the sharded softmax with loss -------------------------------------------------------------
 
 class _Step(NamedTuple):
@@ -210,11 +180,10 @@ class _ShardedMarginSoftmaxLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, step: _Step):
         if step.exact:
-            inverse_weight_norm = torch.linalg.vector_norm(weight, dim=1).reciprocal_()
-            unit = weight * inverse_weight_norm.unsqueeze(1)
+            # M x N_r; the unit rows exist a block at a time (as in MarginInnerProduct)
+            logits, inverse_weight_norm = _normalized_logits(x, weight, in_place=False)
         else:
-            unit, inverse_weight_norm = weight, None
-        logits = torch.mm(x, unit.t())                                   # M x N_r
+            logits, inverse_weight_norm = torch.mm(x, weight.t()), None
         rows = (step.columns >= 0).nonzero().squeeze(1)                  # labels held here
         cols = step.columns.index_select(0, rows)
         x_norm = torch.linalg.vector_norm(x, dim=1)
@@ -259,7 +228,7 @@ class _ShardedMarginSoftmaxLoss(torch.autograd.Function):
             hit = ahead < 1
             hits = (hit if step.keep is None else hit & step.keep.bool()).sum().to(x.dtype)
         ctx.mark_non_differentiable(hits)
-        ctx.save_for_backward(x, unit, logits, exp_sum, rows, cols, slope, radial,
+        ctx.save_for_backward(x, weight, logits, exp_sum, rows, cols, slope, radial,
                               inverse_x_norm, nonzero, inverse_weight_norm)
         ctx.step, ctx.has_margin = step, has_margin
         return loss, hits
@@ -267,7 +236,7 @@ class _ShardedMarginSoftmaxLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_hits):
-        (x, unit, probs, exp_sum, rows, cols, slope, radial, inverse_x_norm, nonzero,
+        (x, weight, probs, exp_sum, rows, cols, slope, radial, inverse_x_norm, nonzero,
          inverse_weight_norm) = ctx.saved_tensors
         step = ctx.step
         # (softmax - onehot) * grad / norm, in the buffer of the exponentials
@@ -281,7 +250,8 @@ class _ShardedMarginSoftmaxLoss(torch.autograd.Function):
             grad_label = grad_logits[rows, cols] * (1.0 / (1.0 + step.lambda_))
             rows_x = x.index_select(0, rows)
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(grad_logits, unit)
+            grad_x = (torch.mm(grad_logits, weight) if inverse_weight_norm is None else
+                      _product_with_unit_rows(grad_logits, weight, inverse_weight_norm))
             if ctx.has_margin:
                 # d(label logit)/dx = (coef_w w_y + coef_x x + lambda w_y) / (1 + lambda);
                 # the product above already added w_y once
@@ -289,7 +259,10 @@ class _ShardedMarginSoftmaxLoss(torch.autograd.Function):
                 if not step.exact:
                     length = torch.hypot(coef_w, coef_x)         # Caffe's trick: unit length
                     coef_w, coef_x = coef_w / length, coef_x / length
-                correction = unit.index_select(0, cols) * (grad_label * (coef_w - 1)).unsqueeze(1)
+                label_rows = weight.index_select(0, cols)                # unit w_y
+                if inverse_weight_norm is not None:
+                    label_rows.mul_(inverse_weight_norm.index_select(0, cols).unsqueeze(1))
+                correction = label_rows.mul_((grad_label * (coef_w - 1)).unsqueeze(1))
                 correction.addcmul_(rows_x, (grad_label * coef_x).unsqueeze(1))
                 grad_x.index_add_(0, rows, correction)
                 grad_x.mul_(nonzero.unsqueeze(1))
@@ -299,7 +272,7 @@ class _ShardedMarginSoftmaxLoss(torch.autograd.Function):
                 if ctx.has_margin:
                     grad_weight.index_add_(0, cols,
                                            rows_x * (grad_label * (slope - 1)).unsqueeze(1))
-                _through_unit_rows(grad_weight, unit, inverse_weight_norm)
+                _through_unit_rows_(grad_weight, weight, inverse_weight_norm)
         return grad_x, grad_weight, None
 
 
@@ -431,7 +404,7 @@ class _ShardedHead(nn.Module):
         norm = normalizer(self.normalization, labels.numel(), 1, valid,
                           self.ignore_label is not None)
         step = _Step(columns, labels, class_ids, margin, float(lambda_), exact, keep,
-                     float(norm), _LOG_FLT_MIN if self.loss_mode == "caffe" else None,
+                     float(norm), math.log(FLT_MIN) if self.loss_mode == "caffe" else None,
                      with_accuracy, self.group)
         loss, hits = _ShardedMarginSoftmaxLoss.apply(x, weight, step)
         accuracy = None

@@ -7,6 +7,10 @@ from typing import Optional
 import torch
 
 NORMALIZATIONS = ("FULL", "VALID", "BATCH_SIZE", "NONE")
+#: the softmax losses' modes: the exact loss, or Caffe's floored one
+LOSS_MODES = ("exact", "caffe")
+#: C's ``FLT_MIN``: SoftmaxWithLoss takes ``log(max(p, FLT_MIN))``, in float and double alike.
+FLT_MIN = float(torch.finfo(torch.float32).tiny)
 
 
 def normalization_from_caffe(loss_param, default: str = "VALID") -> str:

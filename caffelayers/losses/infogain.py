@@ -39,7 +39,8 @@ from ..errors import (CaffeFormatError, LabelError, ShapeError,
 from ..proto.io import read_binaryproto
 from ..layers.base import BuildContext, CaffeLayer, as_labels, count
 from ..registry import register_layer
-from .common import NORMALIZATIONS, normalization_from_caffe, normalizer
+from .common import (FLT_MIN, LOSS_MODES, NORMALIZATIONS, normalization_from_caffe,
+                     normalizer)
 
 __all__ = [
     "softmax_infogain_loss", "softmax_loss", "infogain_loss_legacy",
@@ -48,9 +49,6 @@ __all__ = [
 
 #: Caffe's ``kLOG_THRESHOLD``: InfogainLoss takes ``log(max(p, 1e-20))``.
 INFOGAIN_LOG_FLOOR = 1e-20
-#: C's ``FLT_MIN``: SoftmaxWithLoss takes ``log(max(p, FLT_MIN))``, in float and double alike.
-FLT_MIN = float(np.finfo(np.float32).tiny)
-MODES = ("exact", "caffe")
 
 CostMatrix = Union[torch.Tensor, np.ndarray, str, os.PathLike]
 
@@ -58,8 +56,8 @@ CostMatrix = Union[torch.Tensor, np.ndarray, str, os.PathLike]
 # -- argument checks ---------------------------------------------------------------------
 
 def _check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise UnsupportedParameterError(f"loss mode must be one of {', '.join(MODES)}, "
+    if mode not in LOSS_MODES:
+        raise UnsupportedParameterError(f"loss mode must be one of {', '.join(LOSS_MODES)}, "
                                         f"got {mode!r}")
     return mode
 
